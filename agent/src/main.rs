@@ -1,1 +1,192 @@
-fn main(){}
+//! `vssd`: the guest agent daemon.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing::{error, info};
+
+use vssd::config::{ChannelSpec, Config, DEFAULT_PATH};
+use vssd::engine::RealKernel;
+use vssd::plan::CannotFreezePolicy;
+use vssd::service::Agent;
+
+/// vssd: application-consistent freeze and thaw of this VM's filesystems, on the host's request.
+///
+/// vssd speaks qemu-guest-agent's protocol, so libvirt (`virsh domfsfreeze`, `snapshot-create
+/// --quiesce`), Proxmox, OpenStack and KubeVirt drive it unchanged. Every freeze ends: if no
+/// thaw arrives before the deadline, or the channel that froze goes away, vssd thaws by itself.
+///
+/// Flags override the config file (default /etc/vssd/vssd.toml; `--print-config` shows the result).
+///
+/// Exit codes: 0 stopped cleanly (thawed first), 1 runtime error (a channel could not be
+/// opened), 2 bad usage or configuration.
+#[derive(Parser, Debug)]
+#[command(version, after_help = "Examples:\n  vssd                                   # virtio-serial port org.qemu.guest_agent.0\n  vssd --channel vsock:4444 --channel virtio-serial:org.qemu.guest_agent.0\n  vssd --channel unix:/run/vssd/test.sock --scope /srv/data --freeze-deadline 10")]
+struct Cli {
+    /// Config file (TOML). Missing default file: built-in defaults.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the host reaches vssd: unix:PATH, virtio-serial:NAME or vsock:PORT. Repeatable;
+    /// replaces the config's list.
+    #[arg(long = "channel", value_name = "SPEC")]
+    channels: Vec<ChannelSpec>,
+    /// Only mounts at or below this path are ever touched (default /).
+    #[arg(long, value_name = "PREFIX")]
+    scope: Option<PathBuf>,
+    /// Seconds a freeze may last before vssd thaws by itself (default 60).
+    #[arg(long, value_name = "SECONDS")]
+    freeze_deadline: Option<f64>,
+    /// Seconds to wait for the channel that froze to come back before thawing (default 10).
+    #[arg(long, value_name = "SECONDS")]
+    channel_drop_grace: Option<f64>,
+    /// A local writable filesystem that cannot freeze (vfat, FUSE): skip it and report (default),
+    /// or veto the whole freeze.
+    #[arg(long, value_name = "POLICY")]
+    cannot_freeze: Option<CannotFreezePolicy>,
+    /// Never freeze this mount point or anything below it. Repeatable; adds to the config.
+    #[arg(long, value_name = "MOUNTPOINT")]
+    exclude: Vec<PathBuf>,
+    /// Runtime state directory: freeze marker and control socket; must be on tmpfs (default /run/vssd).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Largest request accepted, in bytes (default 1048576).
+    #[arg(long, value_name = "BYTES")]
+    max_message_bytes: Option<usize>,
+    /// Do not serve the local control socket STATE_DIR/vssd.sock.
+    #[arg(long)]
+    no_control_socket: bool,
+    /// Mount table to read (for tests; default /proc/self/mountinfo).
+    #[arg(long, value_name = "FILE", hide = true)]
+    mountinfo: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn effective_config(cli: &Cli) -> Result<Config, String> {
+    let (path, explicit) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_PATH), false),
+    };
+    let mut c = Config::load(&path, explicit).map_err(|e| e.to_string())?;
+    if !cli.channels.is_empty() {
+        c.channels = cli.channels.clone();
+    }
+    if let Some(v) = &cli.scope {
+        c.scope = v.clone();
+    }
+    if let Some(v) = cli.freeze_deadline {
+        c.freeze_deadline = v;
+    }
+    if let Some(v) = cli.channel_drop_grace {
+        c.channel_drop_grace = v;
+    }
+    if let Some(v) = cli.cannot_freeze {
+        c.cannot_freeze = v;
+    }
+    c.exclude.extend(cli.exclude.iter().cloned());
+    if let Some(v) = &cli.state_dir {
+        c.state_dir = v.clone();
+    }
+    if let Some(v) = cli.max_message_bytes {
+        c.max_message_bytes = v;
+    }
+    if cli.no_control_socket {
+        c.control_socket = false;
+    }
+    if let Some(v) = &cli.mountinfo {
+        c.mountinfo = v.clone();
+    }
+    c.validate().map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // stderr only: journald picks it up; nothing is ever written to a freezable filesystem.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match effective_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vssd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", toml::to_string(&cfg).expect("config serialises"));
+        return ExitCode::SUCCESS;
+    }
+    init_logging(cli.verbose);
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(8).build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vssd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    if let Err(e) = std::fs::create_dir_all(&cfg.state_dir) {
+        error!("cannot create state directory {}: {e}", cfg.state_dir.display());
+        return ExitCode::from(1);
+    }
+    let control = cfg.control_socket.then(|| cfg.control_socket_path());
+    let channels = cfg.channels.clone();
+    let agent = Agent::new(cfg, Arc::new(RealKernel));
+    agent.recover();
+    if let Err(e) = vssd::server::start(agent.clone(), &channels, control).await {
+        error!("{e}");
+        return ExitCode::from(1);
+    }
+    info!(scope = %agent.config().scope.display(), deadline_s = agent.config().freeze_deadline, "vssd ready");
+    notify_ready();
+    wait_for_stop().await;
+    info!("stopping");
+    agent.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// Tells systemd (Type=notify) that vssd serves; a no-op elsewhere. Never fatal.
+fn notify_ready() {
+    if let Ok(path) = std::env::var("NOTIFY_SOCKET") {
+        let sock = match path.strip_prefix('@') {
+            Some(_) => return, // abstract sockets: rare for services; skip rather than fail
+            None => PathBuf::from(path),
+        };
+        if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {
+            let _ = s.send_to(b"READY=1\nSTATUS=serving", sock);
+        }
+    }
+}
+
+async fn wait_for_stop() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

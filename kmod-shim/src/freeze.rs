@@ -12,9 +12,12 @@ use std::path::Path;
 use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 
-// `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)` from <linux/fs.h>.
-nix::ioctl_readwrite!(ioctl_fifreeze, b'X', 119, libc::c_int);
-nix::ioctl_readwrite!(ioctl_fithaw, b'X', 120, libc::c_int);
+mod sys {
+    // `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)` from <linux/fs.h>, declared once.
+    nix::ioctl_readwrite!(ioctl_fifreeze, b'X', 119, libc::c_int);
+    nix::ioctl_readwrite!(ioctl_fithaw, b'X', 120, libc::c_int);
+}
+use sys::{ioctl_fifreeze, ioctl_fithaw};
 
 /// The request number of FIFREEZE on this architecture's ioctl encoding.
 pub const FIFREEZE: u64 = nix::request_code_readwrite!(b'X', 119, std::mem::size_of::<libc::c_int>()) as u64;

@@ -1,0 +1,239 @@
+//! Configuration: `/etc/vssd/vssd.toml`, overridden by command-line flags.
+//!
+//! Every key has a default that is safe on a real guest; `vssd --print-config` shows the
+//! result of file plus flags. Unknown keys are an error, so a typo never silently falls back
+//! to a default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::CannotFreezePolicy;
+
+/// Where the host reaches vssd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ChannelSpec {
+    /// A unix socket vssd listens on (tests, local tools, the simulated host).
+    Unix(PathBuf),
+    /// A virtio-serial port found by its name (QEMU's `virtserialport,name=`).
+    VirtioSerial(String),
+    /// An AF_VSOCK port, from any CID.
+    Vsock(u32),
+}
+
+impl std::str::FromStr for ChannelSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, rest) = s.split_once(':').ok_or_else(|| {
+            format!("channel `{s}` needs a kind: unix:PATH, virtio-serial:NAME or vsock:PORT")
+        })?;
+        match kind {
+            "unix" if !rest.is_empty() => Ok(ChannelSpec::Unix(rest.into())),
+            "virtio-serial" if !rest.is_empty() => Ok(ChannelSpec::VirtioSerial(rest.into())),
+            "vsock" => rest
+                .parse()
+                .map(ChannelSpec::Vsock)
+                .map_err(|_| format!("channel `{s}`: vsock needs a port number, e.g. vsock:1234")),
+            _ => Err(format!("channel `{s}`: use unix:PATH, virtio-serial:NAME or vsock:PORT")),
+        }
+    }
+}
+
+impl TryFrom<String> for ChannelSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<ChannelSpec> for String {
+    fn from(c: ChannelSpec) -> String {
+        c.to_string()
+    }
+}
+
+impl std::fmt::Display for ChannelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChannelSpec::Unix(p) => write!(f, "unix:{}", p.display()),
+            ChannelSpec::VirtioSerial(n) => write!(f, "virtio-serial:{n}"),
+            ChannelSpec::Vsock(p) => write!(f, "vsock:{p}"),
+        }
+    }
+}
+
+/// The settings vssd runs with. Field names are the TOML keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Channels to serve, all at once.
+    pub channels: Vec<ChannelSpec>,
+    /// Only mounts at or below this path are ever touched.
+    pub scope: PathBuf,
+    /// Seconds a freeze may last before vssd thaws by itself.
+    pub freeze_deadline: f64,
+    /// Seconds vssd waits for the channel that froze to come back before it thaws.
+    pub channel_drop_grace: f64,
+    /// `skip` (report and go on) or `veto` (fail the request) for filesystems that cannot freeze.
+    pub cannot_freeze: CannotFreezePolicy,
+    /// Mount points (and everything below them) never frozen.
+    pub exclude: Vec<PathBuf>,
+    /// Filesystem types never frozen.
+    pub exclude_fstypes: Vec<String>,
+    /// If not empty, only these mount points (and below) are frozen.
+    pub include: Vec<PathBuf>,
+    /// Runtime state: the freeze marker and the control socket. Must be on tmpfs (`/run`).
+    pub state_dir: PathBuf,
+    /// Largest request accepted on a channel, in bytes.
+    pub max_message_bytes: usize,
+    /// Serve the local control socket `STATE_DIR/vssd.sock` for vssctl.
+    pub control_socket: bool,
+    /// The mount table to read (a test may point this elsewhere).
+    pub mountinfo: PathBuf,
+    /// The sysfs root (block topology, virtio-serial ports).
+    pub sysfs: PathBuf,
+    /// The device directory (virtio-serial port nodes).
+    pub devfs: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            channels: vec![ChannelSpec::VirtioSerial("org.qemu.guest_agent.0".into())],
+            scope: "/".into(),
+            freeze_deadline: 60.0,
+            channel_drop_grace: 10.0,
+            cannot_freeze: CannotFreezePolicy::Skip,
+            exclude: vec![],
+            exclude_fstypes: vec![],
+            include: vec![],
+            state_dir: "/run/vssd".into(),
+            max_message_bytes: 1 << 20,
+            control_socket: true,
+            mountinfo: "/proc/self/mountinfo".into(),
+            sysfs: "/sys".into(),
+            devfs: "/dev".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The default config file; a missing default file means "all defaults".
+pub const DEFAULT_PATH: &str = "/etc/vssd/vssd.toml";
+
+impl Config {
+    /// Reads a config file. `explicit` says the user named it, so a missing file is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read { path: path.into(), source }),
+        }
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.channels.is_empty() && !self.control_socket {
+            return bad("no channels: give at least one (--channel unix:PATH|virtio-serial:NAME|vsock:PORT)".into());
+        }
+        if !self.scope.is_absolute() {
+            return bad(format!("scope `{}` must be an absolute path", self.scope.display()));
+        }
+        if !(self.freeze_deadline > 0.0 && self.freeze_deadline <= 86_400.0) {
+            return bad(format!("freeze-deadline {} must be between 0 and 86400 seconds", self.freeze_deadline));
+        }
+        if !(self.channel_drop_grace >= 0.0 && self.channel_drop_grace <= 86_400.0) {
+            return bad(format!("channel-drop-grace {} must be between 0 and 86400 seconds", self.channel_drop_grace));
+        }
+        if self.max_message_bytes < 1024 {
+            return bad(format!("max-message-bytes {} is too small (at least 1024)", self.max_message_bytes));
+        }
+        Ok(())
+    }
+
+    pub fn freeze_deadline(&self) -> Duration {
+        Duration::from_secs_f64(self.freeze_deadline)
+    }
+
+    pub fn channel_drop_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.channel_drop_grace)
+    }
+
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.state_dir.join("vssd.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_specs_parse_and_print_back() {
+        for s in ["unix:/run/x.sock", "virtio-serial:org.qemu.guest_agent.0", "vsock:1234"] {
+            assert_eq!(s.parse::<ChannelSpec>().unwrap().to_string(), s);
+        }
+        let err = "vsock:abc".parse::<ChannelSpec>().unwrap_err();
+        assert!(err.contains("port number"), "{err}");
+        assert!("tcp:1".parse::<ChannelSpec>().is_err());
+    }
+
+    #[test]
+    fn a_missing_default_file_means_defaults_but_a_named_one_is_an_error() {
+        let p = Path::new("/nonexistent/vssd.toml");
+        assert_eq!(Config::load(p, false).unwrap(), Config::default());
+        assert!(Config::load(p, true).is_err());
+    }
+
+    #[test]
+    fn file_keys_override_defaults_and_unknown_keys_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, "scope = \"/srv\"\nfreeze-deadline = 5\ncannot-freeze = \"veto\"\nchannels = [\"vsock:9\"]\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(c.scope, Path::new("/srv"));
+        assert_eq!(c.freeze_deadline(), Duration::from_secs(5));
+        assert_eq!(c.cannot_freeze, CannotFreezePolicy::Veto);
+        assert_eq!(c.channels, vec![ChannelSpec::Vsock(9)]);
+        std::fs::write(&p, "freeze_deadlin = 5\n").unwrap();
+        let err = Config::load(&p, true).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_bad_value() {
+        let c = Config { freeze_deadline: 0.0, ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("freeze-deadline"));
+        let c = Config { scope: "rel".into(), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("absolute"));
+    }
+
+    #[test]
+    fn the_example_config_in_packaging_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/vssd.toml");
+        if p.exists() {
+            Config::load(&p, true).unwrap().validate().unwrap();
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! The freeze engine: carries out a [`Plan`] and undoes it, whatever fails.
+//!
+//! The lifecycle is an explicit state machine ([`Lifecycle`]): `Thawed → Freezing → Frozen →
+//! Thawing → Thawed`, with `Freezing → Thawed` when a freeze fails. Each transition is a
+//! method that checks where it comes from.
+//!
+//! Invariants:
+//! - Filesystems of one level freeze in parallel; levels go in order (0 first).
+//! - Any freeze failure thaws everything already frozen by this request before returning.
+//! - Thaw goes in reverse level order, runs to the end and reports every error.
+//! - The engine writes nothing itself; the caller records the marker before freezing.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::plan::{Plan, PlannedMount};
+use kmod_shim::DevId;
+
+/// The kernel operations the engine needs; real in production, scripted in unit tests.
+pub trait Kernel: Send + Sync {
+    fn freeze(&self, mount_point: &Path) -> io::Result<()>;
+    fn thaw(&self, mount_point: &Path) -> io::Result<()>;
+}
+
+/// FIFREEZE / FITHAW through kmod-shim.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealKernel;
+
+impl Kernel for RealKernel {
+    fn freeze(&self, mount_point: &Path) -> io::Result<()> {
+        kmod_shim::freeze::freeze_path(mount_point)
+    }
+    fn thaw(&self, mount_point: &Path) -> io::Result<()> {
+        kmod_shim::freeze::thaw_path(mount_point)
+    }
+}
+
+/// A filesystem the engine froze.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FrozenFs {
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    #[serde(with = "dev_serde")]
+    pub dev: DevId,
+    pub level: u32,
+}
+
+mod dev_serde {
+    use kmod_shim::DevId;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(d: &DevId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&d.to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DevId, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How long each filesystem took to freeze, for the report.
+#[derive(Debug, Clone)]
+pub struct FreezeTiming {
+    pub mount_point: PathBuf,
+    pub elapsed: Duration,
+}
+
+/// Why a freeze failed. Everything frozen before the failure has been thawed again.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    #[error("{}; everything frozen was thawed{}", describe_failures(.failures), describe_thaw(.thaw_errors))]
+    Failed { failures: Vec<(PathBuf, io::Error)>, thaw_errors: Vec<(PathBuf, io::Error)> },
+}
+
+fn explain(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EBUSY) => "already frozen by another process (release it with `fsfreeze -u`)".into(),
+        Some(libc::EOPNOTSUPP) => "the filesystem does not support freezing".into(),
+        Some(libc::EPERM) => "permission denied: freezing needs CAP_SYS_ADMIN (run vssd as root)".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn describe_failures(f: &[(PathBuf, io::Error)]) -> String {
+    let parts: Vec<String> = f.iter().map(|(p, e)| format!("cannot freeze {}: {}", p.display(), explain(e))).collect();
+    parts.join("; ")
+}
+
+fn describe_thaw(t: &[(PathBuf, io::Error)]) -> String {
+    if t.is_empty() {
+        String::new()
+    } else {
+        let parts: Vec<String> = t.iter().map(|(p, e)| format!("{}: {e}", p.display())).collect();
+        format!(" except: {}", parts.join("; "))
+    }
+}
+
+/// Result of a thaw: what was thawed and every error met on the way.
+#[derive(Debug, Default)]
+pub struct ThawReport {
+    pub thawed: Vec<PathBuf>,
+    pub errors: Vec<(PathBuf, io::Error)>,
+}
+
+/// Freezes the plan's filesystems, level by level, each level in parallel.
+///
+/// On any failure every filesystem frozen so far is thawed and the error lists the failures.
+pub fn freeze(kernel: &dyn Kernel, plan: &Plan) -> Result<(Vec<FrozenFs>, Vec<FreezeTiming>), FreezeError> {
+    let mut frozen: Vec<FrozenFs> = Vec::new();
+    let mut timings = Vec::new();
+    for level in &plan.levels {
+        let targets: Vec<&PlannedMount> = level.iter().map(|&i| &plan.mounts[i]).collect();
+        let results = run_parallel(&targets, |m| {
+            let t = Instant::now();
+            kernel.freeze(&m.mount_point).map(|()| t.elapsed())
+        });
+        let mut failures = Vec::new();
+        for (m, r) in targets.iter().zip(results) {
+            match r {
+                Ok(elapsed) => {
+                    frozen.push(FrozenFs {
+                        mount_point: m.mount_point.clone(),
+                        fstype: m.fstype.clone(),
+                        dev: m.dev,
+                        level: m.level,
+                    });
+                    timings.push(FreezeTiming { mount_point: m.mount_point.clone(), elapsed });
+                }
+                Err(e) => failures.push((m.mount_point.clone(), e)),
+            }
+        }
+        if !failures.is_empty() {
+            let report = thaw(kernel, &frozen);
+            return Err(FreezeError::Failed { failures, thaw_errors: report.errors });
+        }
+    }
+    Ok((frozen, timings))
+}
+
+/// Thaws in reverse level order (each level in parallel), to the end, collecting every error.
+/// A filesystem that is not frozen (EINVAL) counts as thawed: someone already thawed it.
+pub fn thaw(kernel: &dyn Kernel, frozen: &[FrozenFs]) -> ThawReport {
+    let mut report = ThawReport::default();
+    let max = frozen.iter().map(|f| f.level).max();
+    let Some(max) = max else { return report };
+    for level in (0..=max).rev() {
+        let targets: Vec<&FrozenFs> = frozen.iter().filter(|f| f.level == level).collect();
+        let results = run_parallel(&targets, |f| kernel.thaw(&f.mount_point));
+        for (f, r) in targets.iter().zip(results) {
+            match r {
+                Ok(()) => report.thawed.push(f.mount_point.clone()),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => report.thawed.push(f.mount_point.clone()),
+                Err(e) => report.errors.push((f.mount_point.clone(), e)),
+            }
+        }
+    }
+    report
+}
+
+/// Runs `f` on every item at once (one thread each; a single item runs inline).
+fn run_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if items.len() <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items.iter().map(|it| s.spawn(|| f(it))).collect();
+        handles.into_iter().map(|h| h.join().expect("freeze worker panicked")).collect()
+    })
+}
+
+/// Why vssd thawed on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutoThawReason {
+    /// No thaw came before the freeze deadline.
+    Deadline,
+    /// The channel that asked for the freeze went away and did not come back within the grace.
+    ChannelClosed,
+    /// A previous vssd died while frozen; this one thawed at start.
+    RecoveredAfterCrash,
+    /// vssd was asked to stop while frozen.
+    Shutdown,
+}
+
+/// Where the freeze lifecycle stands.
+#[derive(Debug)]
+pub enum Lifecycle {
+    Thawed,
+    Freezing,
+    Frozen(FrozenState),
+    Thawing,
+}
+
+/// What is held while frozen.
+#[derive(Debug, Clone)]
+pub struct FrozenState {
+    pub filesystems: Vec<FrozenFs>,
+    pub since: Instant,
+    pub deadline: Instant,
+    /// The channel whose disappearance thaws (None: only the deadline does).
+    pub owner: Option<u64>,
+    /// Increments per freeze, so a timer of an old freeze never thaws a new one.
+    pub generation: u64,
+}
+
+/// A transition attempted from the wrong state.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TransitionError {
+    #[error("the filesystems are already frozen; thaw them first")]
+    AlreadyFrozen,
+    #[error("a freeze or thaw is already in progress")]
+    Busy,
+    #[error("nothing is being frozen")]
+    NotFreezing,
+    #[error("nothing is being thawed")]
+    NotThawing,
+}
+
+impl Lifecycle {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Lifecycle::Thawed => "thawed",
+            Lifecycle::Freezing => "freezing",
+            Lifecycle::Frozen(_) => "frozen",
+            Lifecycle::Thawing => "thawing",
+        }
+    }
+
+    /// Thawed → Freezing.
+    pub fn begin_freeze(&mut self) -> Result<(), TransitionError> {
+        match self {
+            Lifecycle::Thawed => {
+                *self = Lifecycle::Freezing;
+                Ok(())
+            }
+            Lifecycle::Frozen(_) => Err(TransitionError::AlreadyFrozen),
+            Lifecycle::Freezing | Lifecycle::Thawing => Err(TransitionError::Busy),
+        }
+    }
+
+    /// Freezing → Frozen.
+    pub fn freeze_done(&mut self, state: FrozenState) -> Result<(), TransitionError> {
+        match self {
+            Lifecycle::Freezing => {
+                *self = Lifecycle::Frozen(state);
+                Ok(())
+            }
+            _ => Err(TransitionError::NotFreezing),
+        }
+    }
+
+    /// Freezing → Thawed (the freeze failed and undid itself, or froze nothing).
+    pub fn freeze_failed(&mut self) -> Result<(), TransitionError> {
+        match self {
+            Lifecycle::Freezing => {
+                *self = Lifecycle::Thawed;
+                Ok(())
+            }
+            _ => Err(TransitionError::NotFreezing),
+        }
+    }
+
+    /// Frozen → Thawing, handing over what to thaw. From Thawed: `Ok(None)`, nothing to do.
+    pub fn begin_thaw(&mut self) -> Result<Option<FrozenState>, TransitionError> {
+        match std::mem::replace(self, Lifecycle::Thawing) {
+            Lifecycle::Frozen(s) => Ok(Some(s)),
+            Lifecycle::Thawed => {
+                *self = Lifecycle::Thawed;
+                Ok(None)
+            }
+            other => {
+                *self = other;
+                Err(TransitionError::Busy)
+            }
+        }
+    }
+
+    /// Thawing → Thawed.
+    pub fn thaw_done(&mut self) -> Result<(), TransitionError> {
+        match self {
+            Lifecycle::Thawing => {
+                *self = Lifecycle::Thawed;
+                Ok(())
+            }
+            _ => Err(TransitionError::NotThawing),
+        }
+    }
+
+    pub fn frozen(&self) -> Option<&FrozenState> {
+        match self {
+            Lifecycle::Frozen(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{plan, PlanOptions};
+    use std::sync::Mutex;
+
+    /// A scripted kernel: records calls, fails the mount points it is told to.
+    #[derive(Default)]
+    struct FakeKernel {
+        calls: Mutex<Vec<String>>,
+        fail_freeze: Vec<(String, i32)>,
+        fail_thaw: Vec<(String, i32)>,
+        delay: Duration,
+    }
+
+    impl Kernel for FakeKernel {
+        fn freeze(&self, p: &Path) -> io::Result<()> {
+            std::thread::sleep(self.delay);
+            self.calls.lock().unwrap().push(format!("freeze {}", p.display()));
+            match self.fail_freeze.iter().find(|(m, _)| Path::new(m) == p) {
+                Some((_, e)) => Err(io::Error::from_raw_os_error(*e)),
+                None => Ok(()),
+            }
+        }
+        fn thaw(&self, p: &Path) -> io::Result<()> {
+            self.calls.lock().unwrap().push(format!("thaw {}", p.display()));
+            match self.fail_thaw.iter().find(|(m, _)| Path::new(m) == p) {
+                Some((_, e)) => Err(io::Error::from_raw_os_error(*e)),
+                None => Ok(()),
+            }
+        }
+    }
+
+    fn stacked_plan() -> Plan {
+        let t = kmod_shim::mountinfo::parse(
+            "\
+10 1 7:0 / /s/lower rw - ext4 /dev/loop0 rw
+11 1 7:1 / /s/upper rw - ext4 /dev/loop1 rw
+12 1 7:2 / /s/other rw - xfs /dev/loop2 rw
+",
+        )
+        .unwrap();
+        let backing = |m: &kmod_shim::mountinfo::Mount| {
+            if m.mount_point == Path::new("/s/upper") {
+                vec!["7:0".parse().unwrap()]
+            } else {
+                vec![]
+            }
+        };
+        plan(&t, &PlanOptions::new("/s"), &backing).unwrap()
+    }
+
+    fn position(calls: &[String], c: &str) -> usize {
+        calls.iter().position(|x| x == c).unwrap_or_else(|| panic!("{c} not in {calls:?}"))
+    }
+
+    #[test]
+    fn levels_freeze_in_order_and_thaw_in_reverse() {
+        let k = FakeKernel::default();
+        let p = stacked_plan();
+        let (frozen, timings) = freeze(&k, &p).unwrap();
+        assert_eq!(frozen.len(), 3);
+        assert_eq!(timings.len(), 3);
+        let r = thaw(&k, &frozen);
+        assert!(r.errors.is_empty());
+        assert_eq!(r.thawed.len(), 3);
+        let calls = k.calls.lock().unwrap().clone();
+        assert!(position(&calls, "freeze /s/upper") < position(&calls, "freeze /s/lower"));
+        assert!(position(&calls, "thaw /s/lower") < position(&calls, "thaw /s/upper"));
+    }
+
+    #[test]
+    fn freeze_thaws_everything_when_one_filesystem_fails() {
+        let k = FakeKernel { fail_freeze: vec![("/s/lower".into(), libc::EBUSY)], ..Default::default() };
+        let err = freeze(&k, &stacked_plan()).unwrap_err().to_string();
+        assert!(err.contains("/s/lower") && err.contains("fsfreeze -u"), "{err}");
+        let calls = k.calls.lock().unwrap().clone();
+        assert!(calls.contains(&"thaw /s/upper".to_string()), "{calls:?}");
+        assert!(calls.contains(&"thaw /s/other".to_string()), "{calls:?}");
+        assert!(!calls.contains(&"thaw /s/lower".to_string()), "must not thaw what it did not freeze: {calls:?}");
+    }
+
+    #[test]
+    fn thaw_runs_to_the_end_and_reports_every_error() {
+        let k = FakeKernel {
+            fail_thaw: vec![("/s/upper".into(), libc::EIO), ("/s/other".into(), libc::EIO)],
+            ..Default::default()
+        };
+        let (frozen, _) = freeze(&k, &stacked_plan()).unwrap();
+        let r = thaw(&k, &frozen);
+        assert_eq!(r.errors.len(), 2);
+        assert_eq!(r.thawed, vec![PathBuf::from("/s/lower")]);
+    }
+
+    #[test]
+    fn thawing_a_filesystem_someone_else_thawed_is_not_an_error() {
+        let k = FakeKernel { fail_thaw: vec![("/s/other".into(), libc::EINVAL)], ..Default::default() };
+        let (frozen, _) = freeze(&k, &stacked_plan()).unwrap();
+        assert!(thaw(&k, &frozen).errors.is_empty());
+    }
+
+    #[test]
+    fn one_level_freezes_in_parallel() {
+        let k = FakeKernel { delay: Duration::from_millis(100), ..Default::default() };
+        let t: String = (0..8).map(|i| format!("{} 1 7:{i} / /s/{i} rw - ext4 /dev/loop{i} rw\n", 10 + i)).collect();
+        let p = plan(&kmod_shim::mountinfo::parse(&t).unwrap(), &PlanOptions::new("/s"), &|_| vec![]).unwrap();
+        let start = Instant::now();
+        freeze(&k, &p).unwrap();
+        assert!(start.elapsed() < Duration::from_millis(600), "took {:?}", start.elapsed());
+    }
+
+    fn frozen_state() -> FrozenState {
+        FrozenState { filesystems: vec![], since: Instant::now(), deadline: Instant::now(), owner: None, generation: 1 }
+    }
+
+    #[test]
+    fn begin_freeze_only_from_thawed() {
+        let mut l = Lifecycle::Thawed;
+        l.begin_freeze().unwrap();
+        assert_eq!(l.begin_freeze(), Err(TransitionError::Busy));
+        let mut f = Lifecycle::Frozen(frozen_state());
+        assert_eq!(f.begin_freeze(), Err(TransitionError::AlreadyFrozen));
+    }
+
+    #[test]
+    fn freeze_done_only_from_freezing() {
+        let mut l = Lifecycle::Thawed;
+        assert_eq!(l.freeze_done(frozen_state()), Err(TransitionError::NotFreezing));
+        l.begin_freeze().unwrap();
+        l.freeze_done(frozen_state()).unwrap();
+        assert_eq!(l.name(), "frozen");
+    }
+
+    #[test]
+    fn freeze_failed_returns_to_thawed() {
+        let mut l = Lifecycle::Freezing;
+        l.freeze_failed().unwrap();
+        assert_eq!(l.name(), "thawed");
+        assert_eq!(l.freeze_failed(), Err(TransitionError::NotFreezing));
+    }
+
+    #[test]
+    fn begin_thaw_hands_over_the_frozen_state_and_is_a_no_op_when_thawed() {
+        let mut l = Lifecycle::Thawed;
+        assert!(l.begin_thaw().unwrap().is_none());
+        assert_eq!(l.name(), "thawed");
+        let mut f = Lifecycle::Frozen(frozen_state());
+        assert_eq!(f.begin_thaw().unwrap().unwrap().generation, 1);
+        assert_eq!(f.name(), "thawing");
+        assert_eq!(f.begin_thaw().unwrap_err(), TransitionError::Busy);
+        assert_eq!(f.name(), "thawing");
+    }
+
+    #[test]
+    fn thaw_done_only_from_thawing() {
+        let mut l = Lifecycle::Thawed;
+        assert_eq!(l.thaw_done(), Err(TransitionError::NotThawing));
+        let mut t = Lifecycle::Thawing;
+        t.thaw_done().unwrap();
+        assert_eq!(t.name(), "thawed");
+    }
+}

@@ -1,0 +1,493 @@
+//! The agent's heart: one freeze at a time, shared by every channel, that always ends.
+//!
+//! Freeze and thaw are serialised by an operation lock (a thaw that arrives while a freeze is
+//! still syncing waits for it, then thaws). The lifecycle and what is reported about it sit
+//! behind a plain mutex that is never held across blocking work, so status queries answer at
+//! once. Every freeze arms a deadline; the channel that froze going away arms a grace timer;
+//! either thaws by itself and leaves a notice for the host's next thaw.
+//!
+//! Nothing here writes to a filesystem that may be frozen: the marker lives in the state
+//! directory, which the planner never freezes.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use kmod_shim::topology::Topology;
+use serde::Serialize;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::engine::{self, AutoThawReason, FrozenFs, FrozenState, Kernel, Lifecycle};
+use crate::marker::Marker;
+use crate::plan::{self, CannotFreezePolicy, Outcome, Plan, PlanOptions};
+
+/// A freeze request, whichever command it came from.
+#[derive(Debug, Clone, Default)]
+pub struct FreezeRequest {
+    /// Exactly these mount points (`guest-fsfreeze-freeze-list`); None: all eligible.
+    pub mountpoints: Option<Vec<PathBuf>>,
+    /// Overrides the configured deadline.
+    pub deadline: Option<Duration>,
+    /// Overrides the configured cannot-freeze policy.
+    pub cannot_freeze: Option<CannotFreezePolicy>,
+    /// The channel whose disappearance thaws; None: only the deadline thaws.
+    pub owner: Option<u64>,
+}
+
+/// Per-mount line of a report.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MountReport {
+    pub mountpoint: String,
+    pub fstype: String,
+    pub device: String,
+    pub outcome: String,
+    pub reason: String,
+    pub level: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_via: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeze_ms: Option<f64>,
+}
+
+/// What a successful freeze reports.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FreezeReport {
+    pub frozen: usize,
+    pub deadline_ms: u64,
+    pub elapsed_ms: f64,
+    pub mounts: Vec<MountReport>,
+}
+
+/// A thaw vssd did by itself, kept for `vssd-status` and the host's next thaw.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AutoThaw {
+    pub reason: AutoThawReason,
+    pub at_unix_ms: u64,
+    pub frozen_for_ms: u64,
+    pub thawed: Vec<String>,
+    pub errors: Vec<ThawError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThawError {
+    pub mountpoint: String,
+    pub error: String,
+}
+
+/// What a thaw reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThawResult {
+    pub thawed: usize,
+    pub errors: Vec<ThawError>,
+}
+
+/// Errors of the agent's operations, mapped to QGA error classes by the protocol layer.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Transition(#[from] engine::TransitionError),
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    #[error("cannot read the mount table: {0}")]
+    MountTable(#[from] kmod_shim::mountinfo::Error),
+    #[error("freeze vetoed: {0} (cannot-freeze policy is `veto`; use `skip` to freeze the rest and report these)")]
+    Vetoed(String),
+    #[error(transparent)]
+    Freeze(#[from] engine::FreezeError),
+    #[error("cannot record the freeze marker in {dir}: {source}; nothing was frozen")]
+    Marker {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "vssd had already thawed by itself: {0}. A snapshot taken after that moment is only \
+         crash-consistent; take it again, or raise freeze-deadline"
+    )]
+    AlreadyAutoThawed(String),
+    #[error("thaw finished with errors: {0}")]
+    ThawErrors(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+struct Inner {
+    life: Lifecycle,
+    last_auto_thaw: Option<AutoThaw>,
+    /// Told to the host on its next guest-fsfreeze-thaw, once.
+    notice: Option<String>,
+    disconnected: HashSet<u64>,
+}
+
+/// The agent shared by all channels.
+pub struct Agent {
+    cfg: Config,
+    kernel: Arc<dyn Kernel>,
+    op: tokio::sync::Mutex<()>,
+    inner: Mutex<Inner>,
+    generation: AtomicU64,
+    next_channel: AtomicU64,
+    marker: Marker,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl Agent {
+    pub fn new(cfg: Config, kernel: Arc<dyn Kernel>) -> Arc<Agent> {
+        let marker = Marker::new(cfg.state_dir.join("frozen.json"));
+        Arc::new(Agent {
+            cfg,
+            kernel,
+            op: tokio::sync::Mutex::new(()),
+            inner: Mutex::new(Inner { life: Lifecycle::Thawed, last_auto_thaw: None, notice: None, disconnected: HashSet::new() }),
+            generation: AtomicU64::new(0),
+            next_channel: AtomicU64::new(1),
+            marker,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave it half-updated (single assignments),
+        // so a poisoned lock is still safe to use; thawing must never be refused.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fresh id for a channel connection.
+    pub fn new_channel_id(&self) -> u64 {
+        self.next_channel.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// "frozen" or "thawed", as guest-fsfreeze-status reports it. A freeze or thaw in progress
+    /// counts as frozen: writers may block.
+    pub fn status(&self) -> &'static str {
+        match self.lock().life {
+            Lifecycle::Thawed => "thawed",
+            _ => "frozen",
+        }
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.status() == "frozen"
+    }
+
+    /// Thaws what a previous vssd left frozen (its marker). Run once at start.
+    pub fn recover(&self) {
+        let Some(m) = self.marker.read() else { return };
+        warn!(pid = m.pid, count = m.filesystems.len(), "a previous vssd left filesystems frozen; thawing them");
+        let mounts = kmod_shim::mountinfo::read(&self.cfg.mountinfo).unwrap_or_default();
+        // Thaw only what is still mounted at the same place with the same device.
+        let still: Vec<FrozenFs> = m
+            .filesystems
+            .into_iter()
+            .filter(|f| mounts.iter().any(|x| x.mount_point == f.mount_point && x.dev == f.dev))
+            .collect();
+        let report = engine::thaw(self.kernel.as_ref(), &still);
+        let rec = self.auto_thaw_record(AutoThawReason::RecoveredAfterCrash, Duration::ZERO, &report);
+        for e in &rec.errors {
+            error!(mountpoint = %e.mountpoint, error = %e.error, "recovery thaw failed");
+        }
+        info!(thawed = rec.thawed.len(), "recovered after a crash: thawed");
+        let mut inner = self.lock();
+        inner.notice = Some(format!(
+            "a previous vssd (pid {}) died while frozen and this one thawed {} filesystem(s) at start",
+            m.pid,
+            rec.thawed.len()
+        ));
+        inner.last_auto_thaw = Some(rec);
+        drop(inner);
+        self.marker.remove();
+    }
+
+    fn auto_thaw_record(&self, reason: AutoThawReason, frozen_for: Duration, r: &engine::ThawReport) -> AutoThaw {
+        AutoThaw {
+            reason,
+            at_unix_ms: unix_ms(SystemTime::now()),
+            frozen_for_ms: frozen_for.as_millis() as u64,
+            thawed: r.thawed.iter().map(|p| p.display().to_string()).collect(),
+            errors: thaw_errors(r),
+        }
+    }
+
+    fn plan_options(&self, only: Option<Vec<PathBuf>>) -> PlanOptions {
+        let mut o = PlanOptions::new(&self.cfg.scope);
+        o.exclude = self.cfg.exclude.clone();
+        o.exclude_fstypes = self.cfg.exclude_fstypes.clone();
+        o.include = self.cfg.include.clone();
+        o.only = only;
+        if let Ok(d) = kmod_shim::topology::dev_of(&self.cfg.state_dir) {
+            o.avoid_devs.push(d);
+        }
+        o
+    }
+
+    /// Plans without freezing (blocking: reads mountinfo and sysfs).
+    pub fn plan(&self, only: Option<Vec<PathBuf>>) -> Result<Plan, AgentError> {
+        let mounts = kmod_shim::mountinfo::read(&self.cfg.mountinfo)?;
+        let topo = Topology::new(&self.cfg.sysfs);
+        let backing = |m: &kmod_shim::mountinfo::Mount| plan::backing_devs(m, &mounts, &topo);
+        Ok(plan::plan(&mounts, &self.plan_options(only), &backing)?)
+    }
+
+    /// Freezes; on success the filesystems stay frozen until thaw, the deadline, or the owner
+    /// channel's disappearance.
+    pub async fn freeze(self: &Arc<Self>, req: FreezeRequest) -> Result<FreezeReport, AgentError> {
+        let _op = self.op.lock().await;
+        let start = Instant::now();
+        self.lock().life.begin_freeze()?;
+        let me = self.clone();
+        let req2 = req.clone();
+        let result = tokio::task::spawn_blocking(move || me.freeze_blocking(&req2))
+            .await
+            .unwrap_or_else(|e| Err(AgentError::Internal(format!("freeze task failed: {e}"))));
+        let mut inner = self.lock();
+        match result {
+            Err(e) => {
+                inner.life.freeze_failed()?;
+                drop(inner);
+                self.marker.remove();
+                warn!(error = %e, "freeze failed; nothing is left frozen");
+                Err(e)
+            }
+            Ok((frozen, report)) => {
+                let deadline_len = req.deadline.unwrap_or_else(|| self.cfg.freeze_deadline());
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                let deadline = start + deadline_len;
+                inner.life.freeze_done(FrozenState {
+                    filesystems: frozen,
+                    since: start,
+                    deadline,
+                    owner: req.owner,
+                    generation,
+                })?;
+                inner.notice = None;
+                drop(inner);
+                info!(frozen = report.frozen, elapsed_ms = report.elapsed_ms, deadline_s = deadline_len.as_secs_f64(), "frozen");
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(deadline.into()).await;
+                    me.auto_thaw(generation, AutoThawReason::Deadline).await;
+                });
+                Ok(FreezeReport { deadline_ms: deadline_len.as_millis() as u64, ..report })
+            }
+        }
+    }
+
+    fn freeze_blocking(&self, req: &FreezeRequest) -> Result<(Vec<FrozenFs>, FreezeReport), AgentError> {
+        let t0 = Instant::now();
+        let plan = self.plan(req.mountpoints.clone())?;
+        let policy = req.cannot_freeze.unwrap_or(self.cfg.cannot_freeze);
+        if policy == CannotFreezePolicy::Veto {
+            let blocked: Vec<String> =
+                plan.cannot_freeze().map(|m| format!("{} ({})", m.mount_point.display(), m.fstype)).collect();
+            if !blocked.is_empty() {
+                return Err(AgentError::Vetoed(format!("cannot freeze {}", blocked.join(", "))));
+            }
+        }
+        for m in plan.cannot_freeze() {
+            warn!(mountpoint = %m.mount_point.display(), fstype = %m.fstype, "cannot be frozen; skipped (policy skip)");
+        }
+        let planned: Vec<FrozenFs> = plan
+            .levels
+            .iter()
+            .flatten()
+            .map(|&i| {
+                let m = &plan.mounts[i];
+                FrozenFs { mount_point: m.mount_point.clone(), fstype: m.fstype.clone(), dev: m.dev, level: m.level }
+            })
+            .collect();
+        self.marker
+            .write(&planned)
+            .map_err(|source| AgentError::Marker { dir: self.cfg.state_dir.clone(), source })?;
+        let (frozen, timings) = engine::freeze(self.kernel.as_ref(), &plan)?;
+        let elapsed = t0.elapsed();
+        let mounts = plan
+            .mounts
+            .iter()
+            .map(|m| {
+                let t = timings.iter().find(|t| t.mount_point == m.mount_point);
+                mount_report(m, if t.is_some() { "frozen" } else { m.outcome.name() }, t.map(|t| ms(t.elapsed)))
+            })
+            .collect();
+        let report = FreezeReport { frozen: frozen.len(), deadline_ms: 0, elapsed_ms: ms(elapsed), mounts };
+        Ok((frozen, report))
+    }
+
+    /// Thaws on the host's request. Reports the auto-thaw notice once, as an error, when vssd
+    /// had already thawed by itself since the last freeze.
+    pub async fn thaw(self: &Arc<Self>) -> Result<ThawResult, AgentError> {
+        let _op = self.op.lock().await;
+        let state = {
+            let mut inner = self.lock();
+            let s = inner.life.begin_thaw()?;
+            if s.is_none() {
+                if let Some(n) = inner.notice.take() {
+                    return Err(AgentError::AlreadyAutoThawed(n));
+                }
+            }
+            s
+        };
+        let Some(state) = state else { return Ok(ThawResult { thawed: 0, errors: vec![] }) };
+        let report = self.thaw_blocking(state.filesystems.clone()).await;
+        self.lock().life.thaw_done()?;
+        self.marker.remove();
+        info!(thawed = report.thawed.len(), frozen_ms = state.since.elapsed().as_millis() as u64, "thawed");
+        let errors = thaw_errors(&report);
+        if !errors.is_empty() {
+            let msg: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.mountpoint, e.error)).collect();
+            return Err(AgentError::ThawErrors(msg.join("; ")));
+        }
+        Ok(ThawResult { thawed: report.thawed.len(), errors })
+    }
+
+    async fn thaw_blocking(&self, fs: Vec<FrozenFs>) -> engine::ThawReport {
+        let kernel = self.kernel.clone();
+        match tokio::task::spawn_blocking(move || engine::thaw(kernel.as_ref(), &fs)).await {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "thaw task failed");
+                engine::ThawReport::default()
+            }
+        }
+    }
+
+    /// Thaws by itself if freeze `generation` is still in force.
+    pub async fn auto_thaw(self: &Arc<Self>, generation: u64, reason: AutoThawReason) {
+        let _op = self.op.lock().await;
+        let state = {
+            let mut inner = self.lock();
+            match inner.life.frozen() {
+                Some(s) if s.generation == generation => {}
+                _ => return,
+            }
+            if reason == AutoThawReason::ChannelClosed {
+                let owner = inner.life.frozen().and_then(|s| s.owner);
+                if owner.is_some_and(|o| !inner.disconnected.contains(&o)) {
+                    return; // it came back in time
+                }
+            }
+            match inner.life.begin_thaw() {
+                Ok(Some(s)) => s,
+                _ => return,
+            }
+        };
+        let frozen_for = state.since.elapsed();
+        let report = self.thaw_blocking(state.filesystems.clone()).await;
+        let rec = self.auto_thaw_record(reason, frozen_for, &report);
+        let why = match reason {
+            AutoThawReason::Deadline => format!("the freeze deadline passed after {} ms", frozen_for.as_millis()),
+            AutoThawReason::ChannelClosed => {
+                format!("the channel that froze closed and did not come back within {} s", self.cfg.channel_drop_grace)
+            }
+            AutoThawReason::Shutdown => "vssd was stopped while frozen".into(),
+            AutoThawReason::RecoveredAfterCrash => "recovered after a crash".into(),
+        };
+        warn!(reason = ?reason, thawed = rec.thawed.len(), errors = rec.errors.len(), "thawed by itself: {why}");
+        let mut inner = self.lock();
+        let _ = inner.life.thaw_done();
+        inner.notice = Some(why);
+        inner.last_auto_thaw = Some(rec);
+        drop(inner);
+        self.marker.remove();
+    }
+
+    /// Thaws whatever is frozen because vssd is stopping.
+    pub async fn shutdown(self: &Arc<Self>) {
+        let generation = self.lock().life.frozen().map(|s| s.generation);
+        if let Some(g) = generation {
+            self.auto_thaw(g, AutoThawReason::Shutdown).await;
+        }
+    }
+
+    /// A channel connection went away (EOF, error, host disconnected).
+    pub fn channel_closed(self: &Arc<Self>, id: u64) {
+        let generation = {
+            let mut inner = self.lock();
+            inner.disconnected.insert(id);
+            match inner.life.frozen() {
+                Some(s) if s.owner == Some(id) => s.generation,
+                _ => {
+                    // Not the owner of a freeze: nothing to remember.
+                    inner.disconnected.remove(&id);
+                    return;
+                }
+            }
+        };
+        let grace = self.cfg.channel_drop_grace();
+        warn!(channel = id, grace_s = grace.as_secs_f64(), "the channel that froze closed; thawing unless it returns");
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            me.auto_thaw(generation, AutoThawReason::ChannelClosed).await;
+            me.lock().disconnected.remove(&id);
+        });
+    }
+
+    /// A persistent channel (virtio-serial) is connected again.
+    pub fn channel_reopened(&self, id: u64) {
+        self.lock().disconnected.remove(&id);
+    }
+
+    /// The `vssd-status` view.
+    pub fn status_json(&self) -> serde_json::Value {
+        let inner = self.lock();
+        let mut v = serde_json::json!({
+            "status": match inner.life { Lifecycle::Thawed => "thawed", _ => "frozen" },
+            "state": inner.life.name(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "scope": self.cfg.scope.display().to_string(),
+            "frozen": [],
+        });
+        if let Some(s) = inner.life.frozen() {
+            v["frozen"] = s.filesystems.iter().map(|f| f.mount_point.display().to_string()).collect();
+            v["frozen-for-ms"] = (s.since.elapsed().as_millis() as u64).into();
+            v["deadline-in-ms"] = (s.deadline.saturating_duration_since(Instant::now()).as_millis() as u64).into();
+            v["bound-to-channel"] = s.owner.is_some().into();
+        }
+        if let Some(a) = &inner.last_auto_thaw {
+            v["last-auto-thaw"] = serde_json::to_value(a).unwrap_or_default();
+        }
+        v
+    }
+}
+
+fn thaw_errors(r: &engine::ThawReport) -> Vec<ThawError> {
+    r.errors.iter().map(|(p, e)| ThawError { mountpoint: p.display().to_string(), error: e.to_string() }).collect()
+}
+
+/// The report line for one planned mount.
+pub fn mount_report(m: &plan::PlannedMount, outcome: &str, freeze_ms: Option<f64>) -> MountReport {
+    MountReport {
+        mountpoint: m.mount_point.display().to_string(),
+        fstype: m.fstype.clone(),
+        device: m.dev.to_string(),
+        outcome: outcome.to_string(),
+        reason: m.outcome.reason(),
+        level: m.level,
+        frozen_via: match &m.outcome {
+            Outcome::SameFilesystem { via } => Some(via.display().to_string()),
+            _ => None,
+        },
+        freeze_ms,
+    }
+}
+
+/// Whether `p` is inside the agent's scope (used by vssctl's direct thaw too).
+pub fn in_scope(p: &Path, scope: &Path) -> bool {
+    p.starts_with(scope)
+}
