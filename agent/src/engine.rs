@@ -12,6 +12,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::plan::{Plan, PlannedMount};
@@ -105,14 +106,14 @@ pub struct ThawReport {
 /// Freezes the plan's filesystems, level by level, each level in parallel.
 ///
 /// On any failure every filesystem frozen so far is thawed and the error lists the failures.
-pub fn freeze(kernel: &dyn Kernel, plan: &Plan) -> Result<(Vec<FrozenFs>, Vec<FreezeTiming>), FreezeError> {
+pub fn freeze(kernel: &Arc<dyn Kernel>, plan: &Plan) -> Result<(Vec<FrozenFs>, Vec<FreezeTiming>), FreezeError> {
     let mut frozen: Vec<FrozenFs> = Vec::new();
     let mut timings = Vec::new();
     for level in &plan.levels {
         let targets: Vec<&PlannedMount> = level.iter().map(|&i| &plan.mounts[i]).collect();
-        let results = run_parallel(&targets, |m| {
+        let results = run_parallel(kernel, targets.iter().map(|m| m.mount_point.clone()), |k, p| {
             let t = Instant::now();
-            kernel.freeze(&m.mount_point).map(|()| t.elapsed())
+            k.freeze(&p).map(|()| t.elapsed())
         });
         let mut failures = Vec::new();
         for (m, r) in targets.iter().zip(results) {
@@ -139,13 +140,13 @@ pub fn freeze(kernel: &dyn Kernel, plan: &Plan) -> Result<(Vec<FrozenFs>, Vec<Fr
 
 /// Thaws in reverse level order (each level in parallel), to the end, collecting every error.
 /// A filesystem that is not frozen (EINVAL) counts as thawed: someone already thawed it.
-pub fn thaw(kernel: &dyn Kernel, frozen: &[FrozenFs]) -> ThawReport {
+pub fn thaw(kernel: &Arc<dyn Kernel>, frozen: &[FrozenFs]) -> ThawReport {
     let mut report = ThawReport::default();
     let max = frozen.iter().map(|f| f.level).max();
     let Some(max) = max else { return report };
     for level in (0..=max).rev() {
         let targets: Vec<&FrozenFs> = frozen.iter().filter(|f| f.level == level).collect();
-        let results = run_parallel(&targets, |f| kernel.thaw(&f.mount_point));
+        let results = run_parallel(kernel, targets.iter().map(|f| f.mount_point.clone()), |k, p| k.thaw(&p));
         for (f, r) in targets.iter().zip(results) {
             match r {
                 Ok(()) => report.thawed.push(f.mount_point.clone()),
@@ -157,15 +158,19 @@ pub fn thaw(kernel: &dyn Kernel, frozen: &[FrozenFs]) -> ThawReport {
     report
 }
 
-/// Runs `f` on every item at once (one thread each; a single item runs inline).
-fn run_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    if items.len() <= 1 {
-        return items.iter().map(&f).collect();
-    }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items.iter().map(|it| s.spawn(|| f(it))).collect();
-        handles.into_iter().map(|h| h.join().expect("freeze worker panicked")).collect()
-    })
+/// Runs `f` on every mount point at once, on the worker pool.
+fn run_parallel<R: Send + 'static>(
+    kernel: &Arc<dyn Kernel>,
+    paths: impl Iterator<Item = PathBuf>,
+    f: fn(&dyn Kernel, PathBuf) -> R,
+) -> Vec<R> {
+    let jobs = paths
+        .map(|p| {
+            let k = kernel.clone();
+            Box::new(move || f(k.as_ref(), p)) as Box<dyn FnOnce() -> R + Send>
+        })
+        .collect();
+    crate::workers::run_all(jobs)
 }
 
 /// Why vssd thawed on its own.
@@ -352,7 +357,8 @@ mod tests {
 
     #[test]
     fn levels_freeze_in_order_and_thaw_in_reverse() {
-        let k = FakeKernel::default();
+        let fake = Arc::new(FakeKernel::default());
+        let k: Arc<dyn Kernel> = fake.clone();
         let p = stacked_plan();
         let (frozen, timings) = freeze(&k, &p).unwrap();
         assert_eq!(frozen.len(), 3);
@@ -360,17 +366,18 @@ mod tests {
         let r = thaw(&k, &frozen);
         assert!(r.errors.is_empty());
         assert_eq!(r.thawed.len(), 3);
-        let calls = k.calls.lock().unwrap().clone();
+        let calls = fake.calls.lock().unwrap().clone();
         assert!(position(&calls, "freeze /s/upper") < position(&calls, "freeze /s/lower"));
         assert!(position(&calls, "thaw /s/lower") < position(&calls, "thaw /s/upper"));
     }
 
     #[test]
     fn freeze_thaws_everything_when_one_filesystem_fails() {
-        let k = FakeKernel { fail_freeze: vec![("/s/lower".into(), libc::EBUSY)], ..Default::default() };
+        let fake = Arc::new(FakeKernel { fail_freeze: vec![("/s/lower".into(), libc::EBUSY)], ..Default::default() });
+        let k: Arc<dyn Kernel> = fake.clone();
         let err = freeze(&k, &stacked_plan()).unwrap_err().to_string();
         assert!(err.contains("/s/lower") && err.contains("fsfreeze -u"), "{err}");
-        let calls = k.calls.lock().unwrap().clone();
+        let calls = fake.calls.lock().unwrap().clone();
         assert!(calls.contains(&"thaw /s/upper".to_string()), "{calls:?}");
         assert!(calls.contains(&"thaw /s/other".to_string()), "{calls:?}");
         assert!(!calls.contains(&"thaw /s/lower".to_string()), "must not thaw what it did not freeze: {calls:?}");
@@ -378,10 +385,10 @@ mod tests {
 
     #[test]
     fn thaw_runs_to_the_end_and_reports_every_error() {
-        let k = FakeKernel {
+        let k: Arc<dyn Kernel> = Arc::new(FakeKernel {
             fail_thaw: vec![("/s/upper".into(), libc::EIO), ("/s/other".into(), libc::EIO)],
             ..Default::default()
-        };
+        });
         let (frozen, _) = freeze(&k, &stacked_plan()).unwrap();
         let r = thaw(&k, &frozen);
         assert_eq!(r.errors.len(), 2);
@@ -390,14 +397,14 @@ mod tests {
 
     #[test]
     fn thawing_a_filesystem_someone_else_thawed_is_not_an_error() {
-        let k = FakeKernel { fail_thaw: vec![("/s/other".into(), libc::EINVAL)], ..Default::default() };
+        let k: Arc<dyn Kernel> = Arc::new(FakeKernel { fail_thaw: vec![("/s/other".into(), libc::EINVAL)], ..Default::default() });
         let (frozen, _) = freeze(&k, &stacked_plan()).unwrap();
         assert!(thaw(&k, &frozen).errors.is_empty());
     }
 
     #[test]
     fn one_level_freezes_in_parallel() {
-        let k = FakeKernel { delay: Duration::from_millis(100), ..Default::default() };
+        let k: Arc<dyn Kernel> = Arc::new(FakeKernel { delay: Duration::from_millis(100), ..Default::default() });
         let t: String = (0..8).map(|i| format!("{} 1 7:{i} / /s/{i} rw - ext4 /dev/loop{i} rw\n", 10 + i)).collect();
         let p = plan(&kmod_shim::mountinfo::parse(&t).unwrap(), &PlanOptions::new("/s"), &|_| vec![]).unwrap();
         let start = Instant::now();

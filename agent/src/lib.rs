@@ -14,3 +14,4 @@ pub mod plan;
 pub mod qga;
 pub mod server;
 pub mod service;
+pub mod workers;

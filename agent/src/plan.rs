@@ -381,7 +381,9 @@ pub fn plan(
 /// per-subvolume device numbers to `stat`) by the longest mount point that contains it.
 pub fn backing_devs(m: &Mount, mounts: &[Mount], topo: &Topology) -> Vec<DevId> {
     let mut devs = vec![m.dev];
-    if m.source.starts_with("/dev/") {
+    // Filesystems such as btrfs show an anonymous device in mountinfo; their block device is
+    // the source. Others show the block device itself, and the stat can be spared.
+    if m.dev.is_anonymous() && m.source.starts_with("/dev/") {
         if let Ok(st) = nix::sys::stat::stat(Path::new(&m.source)) {
             let rdev = DevId::from_raw(st.st_rdev);
             if rdev != m.dev {

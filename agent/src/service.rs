@@ -59,7 +59,10 @@ pub struct MountReport {
 pub struct FreezeReport {
     pub frozen: usize,
     pub deadline_ms: u64,
+    /// From the request to all frozen.
     pub elapsed_ms: f64,
+    /// Of which reading the mount table and topology and planning.
+    pub plan_ms: f64,
     pub mounts: Vec<MountReport>,
 }
 
@@ -197,7 +200,7 @@ impl Agent {
             .into_iter()
             .filter(|f| mounts.iter().any(|x| x.mount_point == f.mount_point && x.dev == f.dev))
             .collect();
-        let report = engine::thaw(self.kernel.as_ref(), &still);
+        let report = engine::thaw(&self.kernel, &still);
         let rec = self.auto_thaw_record(AutoThawReason::RecoveredAfterCrash, Duration::ZERO, &report);
         for e in &rec.errors {
             error!(mountpoint = %e.mountpoint, error = %e.error, "recovery thaw failed");
@@ -264,6 +267,14 @@ impl Agent {
                 warn!(error = %e, "freeze failed; nothing is left frozen");
                 Err(e)
             }
+            Ok((frozen, report)) if frozen.is_empty() => {
+                // As qemu-ga: a freeze that froze nothing leaves the guest thawed.
+                inner.life.freeze_failed()?;
+                drop(inner);
+                self.marker.remove();
+                info!("nothing to freeze; still thawed");
+                Ok(report)
+            }
             Ok((frozen, report)) => {
                 let deadline_len = req.deadline.unwrap_or_else(|| self.cfg.freeze_deadline());
                 let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -311,10 +322,11 @@ impl Agent {
                 FrozenFs { mount_point: m.mount_point.clone(), fstype: m.fstype.clone(), dev: m.dev, level: m.level }
             })
             .collect();
+        let plan_elapsed = t0.elapsed();
         self.marker
             .write(&planned)
             .map_err(|source| AgentError::Marker { dir: self.cfg.state_dir.clone(), source })?;
-        let (frozen, timings) = engine::freeze(self.kernel.as_ref(), &plan)?;
+        let (frozen, timings) = engine::freeze(&self.kernel, &plan)?;
         let elapsed = t0.elapsed();
         let mounts = plan
             .mounts
@@ -324,7 +336,7 @@ impl Agent {
                 mount_report(m, if t.is_some() { "frozen" } else { m.outcome.name() }, t.map(|t| ms(t.elapsed)))
             })
             .collect();
-        let report = FreezeReport { frozen: frozen.len(), deadline_ms: 0, elapsed_ms: ms(elapsed), mounts };
+        let report = FreezeReport { frozen: frozen.len(), deadline_ms: 0, elapsed_ms: ms(elapsed), plan_ms: ms(plan_elapsed), mounts };
         Ok((frozen, report))
     }
 
@@ -357,7 +369,7 @@ impl Agent {
 
     async fn thaw_blocking(&self, fs: Vec<FrozenFs>) -> engine::ThawReport {
         let kernel = self.kernel.clone();
-        match tokio::task::spawn_blocking(move || engine::thaw(kernel.as_ref(), &fs)).await {
+        match tokio::task::spawn_blocking(move || engine::thaw(&kernel, &fs)).await {
             Ok(r) => r,
             Err(e) => {
                 error!(error = %e, "thaw task failed");

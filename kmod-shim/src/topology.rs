@@ -48,18 +48,12 @@ impl Topology {
         if depth > 16 {
             return;
         }
-        let Ok(dir) = std::fs::canonicalize(&dir) else { return };
+        let Some(dir) = resolve(&dir) else { return };
         if seen.contains(&dir) {
             return;
         }
         seen.push(dir.clone());
-        // A partition: its disk is the parent directory.
-        if dir.join("partition").exists() {
-            if let Some(parent) = dir.parent() {
-                self.walk(parent.to_owned(), out, seen, depth + 1);
-            }
-            return;
-        }
+        // The common case first, in one read: a loop device has a backing file and nothing below.
         if let Ok(s) = std::fs::read_to_string(dir.join("loop/backing_file")) {
             let s = s.trim_end_matches('\n');
             // The kernel appends " (deleted)" when the file was unlinked.
@@ -67,6 +61,14 @@ impl Topology {
             if !s.is_empty() {
                 out.push(PathBuf::from(s));
             }
+            return;
+        }
+        // A partition: its disk is the parent directory.
+        if dir.join("partition").exists() {
+            if let Some(parent) = dir.parent() {
+                self.walk(parent.to_owned(), out, seen, depth + 1);
+            }
+            return;
         }
         if let Ok(rd) = std::fs::read_dir(dir.join("slaves")) {
             let mut lowers: Vec<_> = rd.flatten().map(|e| e.path()).collect();
@@ -79,9 +81,33 @@ impl Topology {
 
     /// The kernel name of a block device (`loop3`, `dm-0`, `vda1`), if sysfs knows it.
     pub fn name(&self, dev: DevId) -> Option<String> {
-        let p = std::fs::canonicalize(self.dev_dir(dev)).ok()?;
+        let p = resolve(&self.dev_dir(dev))?;
         p.file_name().map(|n| n.to_string_lossy().into_owned())
     }
+}
+
+/// Follows the one symlink sysfs puts at `/sys/dev/block/M:N` and at `slaves/*` (a relative
+/// link into `/sys/devices`) and folds the `..`s, without the readlink per path component
+/// that `canonicalize` costs: the planner runs this for every filesystem on every freeze.
+fn resolve(p: &Path) -> Option<PathBuf> {
+    let target = match std::fs::read_link(p) {
+        Ok(t) => t,
+        // Not a symlink: a directory reached through its parent, as it is.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Some(p.to_owned()),
+        Err(_) => return None,
+    };
+    let joined = if target.is_absolute() { target } else { p.parent()?.join(target) };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Some(out)
 }
 
 /// The device number of the filesystem that `path` lives on (`st_dev`), without following a

@@ -137,6 +137,11 @@ impl Session {
     }
 
     async fn dispatch(&mut self, mut req: Map<String, Value>) -> Result<(Value, bool), QgaError> {
+        // Checked in qemu-ga's order: unexpected members, then `execute`, then the command,
+        // then whether it is allowed while frozen, and only then its arguments.
+        if let Some(k) = req.keys().find(|k| !["execute", "arguments"].contains(&k.as_str())) {
+            return Err(QgaError::generic(format!("QMP input member '{k}' is unexpected")));
+        }
         let name = match req.remove("execute") {
             Some(Value::String(s)) => s,
             Some(_) => return Err(QgaError::generic("QMP input member 'execute' must be a string")),
@@ -147,19 +152,19 @@ impl Session {
             Some(Value::Object(m)) => m,
             Some(_) => return Err(QgaError::generic("QMP input member 'arguments' must be an object")),
         };
-        if let Some(k) = req.keys().next() {
-            return Err(QgaError::generic(format!("QMP input member '{k}' is unexpected")));
-        }
         let Some(cmd) = COMMANDS.iter().find(|c| c.name == name) else {
             return Err(QgaError { class: "CommandNotFound", desc: format!("The command {name} has not been found") });
         };
         if !cmd.allowed_while_frozen && self.agent.is_frozen() {
-            return Err(QgaError::generic(format!("Command {name} has been disabled: the filesystems are frozen")));
+            return Err(QgaError {
+                class: "CommandNotFound",
+                desc: format!("Command {name} has been disabled: the agent is in frozen state"),
+            });
         }
         let mut a = Args::new(args);
         let value = match cmd.name {
             "guest-sync-delimited" | "guest-sync" => {
-                let id = a.required("id", Value::as_i64, "int")?;
+                let id = a.required("id", Value::as_i64, "integer")?;
                 a.done()?;
                 return Ok((json!(id), cmd.name == "guest-sync-delimited"));
             }
@@ -181,7 +186,7 @@ impl Session {
                 json!(r.frozen)
             }
             "guest-fsfreeze-freeze-list" => {
-                let list = a.optional("mountpoints", string_list, "array of strings")?;
+                let list = a.list("mountpoints")?;
                 a.done()?;
                 let req = FreezeRequest { mountpoints: list, owner: Some(self.channel), ..Default::default() };
                 json!(self.agent.freeze(req).await?.frozen)
@@ -191,7 +196,7 @@ impl Session {
                 json!(self.agent.thaw().await?.thawed)
             }
             "vssd-freeze" => {
-                let mountpoints = a.optional("mountpoints", string_list, "array of strings")?;
+                let mountpoints = a.list("mountpoints")?;
                 let deadline = a.optional("deadline", Value::as_f64, "number")?;
                 let policy = a.optional("cannot-freeze", |v| v.as_str()?.parse::<CannotFreezePolicy>().ok(), "'skip' or 'veto'")?;
                 let bind = a.optional("bind-to-channel", Value::as_bool, "bool")?.unwrap_or(true);
@@ -219,7 +224,7 @@ impl Session {
                 self.agent.status_json()
             }
             "vssd-plan" => {
-                let mountpoints = a.optional("mountpoints", string_list, "array of strings")?;
+                let mountpoints = a.list("mountpoints")?;
                 a.done()?;
                 let agent = self.agent.clone();
                 let plan = tokio::task::spawn_blocking(move || agent.plan(mountpoints))
@@ -243,10 +248,6 @@ impl Session {
     }
 }
 
-fn string_list(v: &Value) -> Option<Vec<PathBuf>> {
-    v.as_array()?.iter().map(|s| s.as_str().map(PathBuf::from)).collect()
-}
-
 /// Checks arguments the way QEMU's generated marshallers do.
 struct Args(Map<String, Value>);
 
@@ -264,6 +265,20 @@ impl Args {
         }
     }
 
+    /// A list of strings, with QEMU's wording for each kind of wrong type.
+    fn list(&mut self, key: &str) -> Result<Option<Vec<PathBuf>>, QgaError> {
+        let Some(v) = self.optional(key, |v| v.as_array().cloned(), "array")? else { return Ok(None) };
+        v.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.as_str()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| QgaError::generic(format!("Invalid parameter type for '{key}[{i}]', expected: string")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
     fn required<T>(&mut self, key: &str, conv: impl Fn(&Value) -> Option<T>, ty: &str) -> Result<T, QgaError> {
         self.optional(key, conv, ty)?.ok_or_else(|| QgaError::generic(format!("Parameter '{key}' is missing")))
     }
@@ -273,5 +288,118 @@ impl Args {
             Some(k) => Err(QgaError::generic(format!("Parameter '{k}' is unexpected"))),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::Kernel;
+    use std::path::Path;
+
+    struct NoopKernel;
+    impl Kernel for NoopKernel {
+        fn freeze(&self, _: &Path) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn thaw(&self, _: &Path) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn session(dir: &Path) -> Session {
+        let mi = dir.join("mountinfo");
+        std::fs::write(&mi, "10 1 7:0 / /s/a rw - ext4 /dev/loop0 rw\n11 1 7:1 / /s/b rw - xfs /dev/loop1 rw\n").unwrap();
+        let cfg = Config {
+            scope: "/s".into(),
+            mountinfo: mi,
+            sysfs: dir.join("nosys"),
+            state_dir: dir.join("state"),
+            ..Config::default()
+        };
+        Session::new(Agent::new(cfg, Arc::new(NoopKernel)), 1)
+    }
+
+    async fn one(s: &mut Session, req: &[u8]) -> Value {
+        let r = s.feed(req).await;
+        assert_eq!(r.len(), 1, "one reply expected for {:?}", String::from_utf8_lossy(req));
+        let bytes = r[0].strip_prefix(&[0xFF]).unwrap_or(&r[0]);
+        assert_eq!(bytes.last(), Some(&b'\n'));
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn sync_delimited_reply_starts_with_ff_and_echoes_the_id() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = session(d.path());
+        let r = s.feed(b"{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":42},\"id\":\"x\"}").await;
+        assert_eq!(r[0][0], 0xFF);
+        let v: Value = serde_json::from_slice(&r[0][1..]).unwrap();
+        assert_eq!(v, json!({"return": 42, "id": "x"}));
+    }
+
+    #[tokio::test]
+    async fn errors_follow_qemu_ga_wording_and_order() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = session(d.path());
+        let cases: &[(&[u8], &str, &str)] = &[
+            (b"[1]", "GenericError", "QMP input must be a JSON object"),
+            (b"{\"execute\":\"nope\",\"extra\":1}", "GenericError", "QMP input member 'extra' is unexpected"),
+            (b"{}", "GenericError", "QMP input lacks member 'execute'"),
+            (b"{\"execute\":\"nope\"}", "CommandNotFound", "The command nope has not been found"),
+            (b"{\"execute\":\"guest-sync\"}", "GenericError", "Parameter 'id' is missing"),
+            (b"{\"execute\":\"guest-sync\",\"arguments\":{\"id\":\"x\"}}", "GenericError", "Invalid parameter type for 'id', expected: integer"),
+            (b"{\"execute\":\"guest-ping\",\"arguments\":{\"x\":1}}", "GenericError", "Parameter 'x' is unexpected"),
+            (b"{\"execute\":\"guest-fsfreeze-freeze-list\",\"arguments\":{\"mountpoints\":[1]}}", "GenericError", "Invalid parameter type for 'mountpoints[0]', expected: string"),
+        ];
+        for (req, class, desc) in cases {
+            let v = one(&mut s, req).await;
+            assert_eq!(v["error"]["class"], *class, "{v}");
+            assert_eq!(v["error"]["desc"], *desc, "{v}");
+        }
+        // Still serving.
+        assert_eq!(one(&mut s, b"{\"execute\":\"guest-ping\"}").await, json!({"return": {}}));
+    }
+
+    #[tokio::test]
+    async fn while_frozen_only_the_allowed_commands_run() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = session(d.path());
+        assert_eq!(one(&mut s, b"{\"execute\":\"guest-fsfreeze-freeze\"}").await, json!({"return": 2}));
+        let v = one(&mut s, b"{\"execute\":\"guest-fsfreeze-freeze-list\",\"arguments\":{\"mountpoints\":1}}").await;
+        assert_eq!(v["error"]["class"], "CommandNotFound");
+        assert!(v["error"]["desc"].as_str().unwrap().contains("frozen state"));
+        assert_eq!(one(&mut s, b"{\"execute\":\"guest-fsfreeze-status\"}").await, json!({"return": "frozen"}));
+        let info = one(&mut s, b"{\"execute\":\"guest-info\"}").await;
+        let cmds = info["return"]["supported_commands"].as_array().unwrap();
+        let enabled = |n: &str| cmds.iter().find(|c| c["name"] == n).unwrap()["enabled"].clone();
+        assert_eq!(enabled("guest-fsfreeze-freeze"), json!(false));
+        assert_eq!(enabled("guest-fsfreeze-thaw"), json!(true));
+        assert_eq!(one(&mut s, b"{\"execute\":\"guest-fsfreeze-thaw\"}").await, json!({"return": 2}));
+        assert_eq!(one(&mut s, b"{\"execute\":\"guest-fsfreeze-thaw\"}").await, json!({"return": 0}));
+    }
+
+    #[tokio::test]
+    async fn freezing_nothing_leaves_the_guest_thawed() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = session(d.path());
+        let v = one(&mut s, b"{\"execute\":\"guest-fsfreeze-freeze-list\",\"arguments\":{\"mountpoints\":[]}}").await;
+        assert_eq!(v, json!({"return": 0}));
+        assert_eq!(one(&mut s, b"{\"execute\":\"guest-fsfreeze-status\"}").await, json!({"return": "thawed"}));
+    }
+
+    #[tokio::test]
+    async fn oversized_and_interrupted_messages_get_errors_and_the_session_goes_on() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = session(d.path());
+        let mut big = b"{\"execute\":\"guest-ping\",\"arguments\":{\"x\":\"".to_vec();
+        big.extend(std::iter::repeat(b'a').take(2 << 20));
+        big.extend(b"\"}}");
+        let v = one(&mut s, &big).await;
+        assert!(v["error"]["desc"].as_str().unwrap().contains("exceeds the limit"), "{v}");
+        let v = one(&mut s, b"{\"execute\":\xff").await;
+        assert!(v["error"]["desc"].as_str().unwrap().contains("0xFF"), "{v}");
+        assert_eq!(one(&mut s, b"{\"execute\":\"guest-ping\"}").await, json!({"return": {}}));
     }
 }

@@ -1,0 +1,363 @@
+//! freeze-bench: vssd against qemu-ga and the raw FIFREEZE floor, on the same filesystems.
+//!
+//! For 1, 16 and 64 loop-mounted ext4 filesystems with 64 KiB of fresh dirty data in each
+//! before every cycle, it measures, as a client sees it, the freeze and the thaw of:
+//! raw FIFREEZE all in parallel (the floor), raw FIFREEZE one after another, qemu-ga's
+//! `guest-fsfreeze-freeze-list`, and vssd's `guest-fsfreeze-freeze-list`; medians over the
+//! cycles, interleaved so that no subject gets a quieter machine. Then each agent's idle
+//! resident memory. Needs root; touches only the filesystems it creates (vssd runs scoped,
+//! qemu-ga only ever gets the explicit list).
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Opts {
+    counts: Vec<usize>,
+    cycles: usize,
+    json: bool,
+    vssd: PathBuf,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: freeze-bench [--counts 1,16,64] [--cycles 15] [--json] [--vssd PATH]\n\
+         Measures vssd, qemu-ga and raw FIFREEZE on loop-mounted ext4 filesystems it creates. Needs root."
+    );
+    std::process::exit(2)
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts { counts: vec![1, 16, 64], cycles: 15, json: false, vssd: default_vssd() };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--counts" => {
+                o.counts = args
+                    .next()
+                    .unwrap_or_else(|| usage())
+                    .split(',')
+                    .map(|s| s.parse().unwrap_or_else(|_| usage()))
+                    .collect()
+            }
+            "--cycles" => o.cycles = args.next().and_then(|s| s.parse().ok()).unwrap_or_else(|| usage()),
+            "--json" => o.json = true,
+            "--vssd" => o.vssd = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
+            "-h" | "--help" => usage(),
+            _ => usage(),
+        }
+    }
+    o
+}
+
+fn default_vssd() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.with_file_name("vssd")
+}
+
+fn sh(cmd: &[&str]) -> Result<String, String> {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().map_err(|e| format!("{}: {e}", cmd[0]))?;
+    if !out.status.success() {
+        return Err(format!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The loop filesystems; thawed, unmounted and detached on drop, also after a panic.
+struct Fleet {
+    dir: PathBuf,
+    mounts: Vec<PathBuf>,
+    loops: Vec<String>,
+    tmpfs: Vec<PathBuf>,
+    children: Vec<Child>,
+}
+
+impl Fleet {
+    fn new(n: usize) -> Result<Fleet, String> {
+        let dir = PathBuf::from(sh(&["mktemp", "-d", "/tmp/vssd-bench.XXXXXX"])?);
+        let mut f = Fleet { dir, mounts: vec![], loops: vec![], tmpfs: vec![], children: vec![] };
+        std::fs::create_dir_all(f.dir.join("mnt")).map_err(|e| e.to_string())?;
+        for i in 0..n {
+            let img = f.dir.join(format!("fs{i}.img"));
+            let mnt = f.dir.join(format!("mnt/fs{i}"));
+            std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+            sh(&["truncate", "-s", "64M", img.to_str().unwrap()])?;
+            sh(&["mkfs.ext4", "-q", "-F", img.to_str().unwrap()])?;
+            let dev = sh(&["losetup", "-f", "--show", img.to_str().unwrap()])?;
+            f.loops.push(dev.clone());
+            sh(&["mount", &dev, mnt.to_str().unwrap()])?;
+            f.mounts.push(mnt);
+        }
+        Ok(f)
+    }
+
+    fn scope(&self) -> PathBuf {
+        self.dir.join("mnt")
+    }
+
+    /// 64 KiB of new dirty data in every filesystem (not synced: the freeze must write it).
+    fn dirty(&self, round: usize) {
+        let block = vec![(round % 251) as u8; 64 * 1024];
+        for m in &self.mounts {
+            std::fs::write(m.join("dirty"), &block).expect("write dirty data");
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for m in &self.mounts {
+            let _ = kmod_shim::freeze::thaw_path(m);
+        }
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg(m).status();
+        }
+        for t in &self.tmpfs {
+            let _ = Command::new("umount").arg(t).status();
+        }
+        for l in &self.loops {
+            let _ = Command::new("losetup").arg("-d").arg(l).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Qga {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qga {
+    fn connect(path: &Path) -> Result<Qga, String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(path) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let w = s.try_clone().unwrap();
+                    let mut q = Qga { r: BufReader::new(s), w };
+                    q.call("guest-ping", json!({}))?;
+                    return Ok(q);
+                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(format!("cannot connect to {}: {e}", path.display())),
+            }
+        }
+    }
+
+    fn call(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        let mut req = serde_json::to_vec(&json!({"execute": cmd, "arguments": args})).unwrap();
+        req.push(b'\n');
+        self.w.write_all(&req).map_err(|e| e.to_string())?;
+        let mut line = Vec::new();
+        self.r.read_until(b'\n', &mut line).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_slice(&line).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&line)))?;
+        match v.get("return") {
+            Some(r) => Ok(r.clone()),
+            None => Err(format!("{cmd}: {}", v["error"])),
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn raw(mounts: &[PathBuf], parallel: bool) -> (Duration, Duration) {
+    let t = Instant::now();
+    if parallel {
+        std::thread::scope(|s| {
+            for m in mounts {
+                s.spawn(move || kmod_shim::freeze::freeze_path(m).expect("FIFREEZE"));
+            }
+        });
+    } else {
+        for m in mounts {
+            kmod_shim::freeze::freeze_path(m).expect("FIFREEZE");
+        }
+    }
+    let f = t.elapsed();
+    let t = Instant::now();
+    if parallel {
+        std::thread::scope(|s| {
+            for m in mounts {
+                s.spawn(move || kmod_shim::freeze::thaw_path(m).expect("FITHAW"));
+            }
+        });
+    } else {
+        for m in mounts {
+            kmod_shim::freeze::thaw_path(m).expect("FITHAW");
+        }
+    }
+    (f, t.elapsed())
+}
+
+fn agent(q: &mut Qga, list: &Value, n: usize) -> Result<(Duration, Duration), String> {
+    let t = Instant::now();
+    let frozen = q.call("guest-fsfreeze-freeze-list", json!({ "mountpoints": list }))?;
+    let f = t.elapsed();
+    let t = Instant::now();
+    let thawed = q.call("guest-fsfreeze-thaw", json!({}))?;
+    let th = t.elapsed();
+    // qemu-ga's thaw runs FITHAW on every mount of the machine, so it may count filesystems
+    // that another program froze meanwhile; at least ours must be in it.
+    if frozen != json!(n) || thawed.as_u64().unwrap_or(0) < n as u64 {
+        return Err(format!("expected {n} frozen and thawed, got {frozen} and {thawed}"));
+    }
+    Ok((f, th))
+}
+
+fn run_count(o: &Opts, n: usize) -> Result<Value, String> {
+    let mut fleet = Fleet::new(n)?;
+    // vssd's state directory is /run/vssd on a real guest: a tmpfs. Give it one here too.
+    let state = fleet.dir.join("state");
+    std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+    sh(&["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "vssd-bench-state", state.to_str().unwrap()])?;
+    fleet.tmpfs.push(state.clone());
+    let sock_v = fleet.dir.join("vssd.sock");
+    let sock_q = fleet.dir.join("qga.sock");
+    let vssd = Command::new(&o.vssd)
+        .args(["--channel", &format!("unix:{}", sock_v.display())])
+        .args(["--scope", fleet.scope().to_str().unwrap()])
+        .args(["--freeze-deadline", "20", "--no-control-socket"])
+        .args(["--state-dir", state.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e} (build it: cargo build --release -p vssd)", o.vssd.display()))?;
+    let vpid = vssd.id();
+    fleet.children.push(vssd);
+    std::fs::create_dir_all(fleet.dir.join("qga-state")).unwrap();
+    let qga = Command::new("qemu-ga")
+        .args(["-m", "unix-listen", "-p", sock_q.to_str().unwrap()])
+        .args(["-t", fleet.dir.join("qga-state").to_str().unwrap()])
+        .args(["-f", fleet.dir.join("qga.pid").to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start qemu-ga: {e} (apt-get install qemu-guest-agent)"))?;
+    let qpid = qga.id();
+    fleet.children.push(qga);
+    let mut v = Qga::connect(&sock_v)?;
+    let mut q = Qga::connect(&sock_q)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_v = rss_kib(vpid);
+    let idle_q = rss_kib(qpid);
+
+    let list: Value = fleet.mounts.iter().map(|m| Value::from(m.display().to_string())).collect();
+    let names = ["raw-parallel", "raw-sequential", "qemu-ga", "vssd"];
+    let mut freeze: Vec<Vec<f64>> = vec![vec![]; 4];
+    let mut thaw: Vec<Vec<f64>> = vec![vec![]; 4];
+    // One warm-up cycle each, not counted.
+    for round in 0..=o.cycles {
+        // Rotate who goes first, so no subject always follows the same one.
+        for j in 0..names.len() {
+            let k = (j + round) % names.len();
+            fleet.dirty(round * 4 + k);
+            let (f, t) = match k {
+                0 => raw(&fleet.mounts, true),
+                1 => raw(&fleet.mounts, false),
+                2 => agent(&mut q, &list, n)?,
+                _ => agent(&mut v, &list, n)?,
+            };
+            if round > 0 {
+                freeze[k].push(ms(f));
+                thaw[k].push(ms(t));
+            }
+        }
+    }
+    let after_v = rss_kib(vpid);
+    let after_q = rss_kib(qpid);
+    let f: Vec<f64> = freeze.iter_mut().map(|v| median(v)).collect();
+    let t: Vec<f64> = thaw.iter_mut().map(|v| median(v)).collect();
+    let mut subjects = serde_json::Map::new();
+    for (k, name) in names.iter().enumerate() {
+        subjects.insert(name.to_string(), json!({"freeze-ms": f[k], "thaw-ms": t[k]}));
+    }
+    Ok(json!({
+        "filesystems": n,
+        "cycles": o.cycles,
+        "median": subjects,
+        "ratios": {
+            "vssd/qemu-ga freeze": f[3] / f[2],
+            "vssd/raw-parallel freeze": f[3] / f[0],
+            "vssd/qemu-ga freeze+thaw": (f[3] + t[3]) / (f[2] + t[2]),
+        },
+        "rss-kib": {"vssd-idle": idle_v, "qemu-ga-idle": idle_q, "vssd-after": after_v, "qemu-ga-after": after_q},
+    }))
+}
+
+fn main() {
+    let o = parse_opts();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("freeze-bench: needs root (loop devices, mount, FIFREEZE)");
+        std::process::exit(2);
+    }
+    let mut results = Vec::new();
+    for &n in &o.counts {
+        match run_count(&o, n) {
+            Ok(r) => {
+                if !o.json {
+                    print_text(&r);
+                }
+                results.push(r);
+            }
+            Err(e) => {
+                eprintln!("freeze-bench: {n} filesystems: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&results).unwrap());
+    }
+}
+
+fn print_text(r: &Value) {
+    let m = &r["median"];
+    println!("== {} ext4 filesystems, 64 KiB dirty each, median of {} cycles ==", r["filesystems"], r["cycles"]);
+    println!("{:<16} {:>12} {:>10}", "subject", "freeze ms", "thaw ms");
+    for s in ["raw-parallel", "raw-sequential", "qemu-ga", "vssd"] {
+        println!("{:<16} {:>12.2} {:>10.2}", s, m[s]["freeze-ms"].as_f64().unwrap(), m[s]["thaw-ms"].as_f64().unwrap());
+    }
+    let ra = &r["ratios"];
+    println!(
+        "vssd/qemu-ga freeze {:.3}x   vssd/raw-parallel freeze {:.3}x   vssd/qemu-ga freeze+thaw {:.3}x",
+        ra["vssd/qemu-ga freeze"].as_f64().unwrap(),
+        ra["vssd/raw-parallel freeze"].as_f64().unwrap(),
+        ra["vssd/qemu-ga freeze+thaw"].as_f64().unwrap()
+    );
+    let rss = &r["rss-kib"];
+    println!(
+        "idle RSS: vssd {} KiB, qemu-ga {} KiB (ratio {:.2}); after the cycles: vssd {} KiB, qemu-ga {} KiB\n",
+        rss["vssd-idle"],
+        rss["qemu-ga-idle"],
+        rss["vssd-idle"].as_f64().unwrap() / rss["qemu-ga-idle"].as_f64().unwrap(),
+        rss["vssd-after"],
+        rss["qemu-ga-after"]
+    );
+}
