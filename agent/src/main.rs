@@ -61,6 +61,9 @@ struct Cli {
     /// Mount table to read (for tests; default /proc/self/mountinfo).
     #[arg(long, value_name = "FILE", hide = true)]
     mountinfo: Option<PathBuf>,
+    /// Print the man page (roff) and exit.
+    #[arg(long, hide = true)]
+    man: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -125,6 +128,13 @@ fn init_logging(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.man {
+        let cmd = <Cli as clap::CommandFactory>::command().name("vssd");
+        return match clap_mangen::Man::new(cmd).section("8").render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(1),
+        };
+    }
     let cfg = match effective_config(&cli) {
         Ok(c) => c,
         Err(e) => {

@@ -180,16 +180,16 @@ fn under(path: &Path, prefix: &Path) -> bool {
 fn classify_type(fstype: &str) -> Option<Outcome> {
     if PSEUDO.contains(&fstype) {
         let why = if fstype == "tmpfs" || fstype == "ramfs" {
-            "memory filesystem: not on any disk"
+            "pseudo: a memory filesystem, on no disk"
         } else if ["squashfs", "erofs", "iso9660", "cramfs"].contains(&fstype) {
-            "read-only filesystem type"
+            "read-only: a read-only filesystem type"
         } else {
-            "pseudo filesystem: holds no disk data"
+            "pseudo: holds no disk data"
         };
         return Some(Outcome::Skipped(format!("{why} ({fstype})")));
     }
     if NETWORK.contains(&fstype) {
-        return Some(Outcome::Skipped(format!("network filesystem ({fstype}): its data lives elsewhere")));
+        return Some(Outcome::Skipped(format!("network: {fstype} keeps its data on another machine")));
     }
     if NO_FREEZE.contains(&fstype) || fstype.starts_with("fuse.") {
         return Some(Outcome::CannotFreeze(format!(
@@ -250,7 +250,7 @@ pub fn plan(
         if let Some(&out) = members.iter().find(|&&i| !under(&mounts[i].mount_point, scope)) {
             set(
                 Outcome::Skipped(format!(
-                    "also mounted outside the scope at {}: freezing it would freeze that too",
+                    "also-mounted-outside-scope: also mounted at {}, and freezing works on the whole filesystem",
                     mounts[out].mount_point.display()
                 )),
                 &mut outcome,
@@ -266,16 +266,16 @@ pub fn plan(
             continue;
         }
         if opts.avoid_devs.contains(dev) {
-            set(Outcome::Skipped("holds vssd's own state directory".into()), &mut outcome);
+            set(Outcome::Skipped("state-dir: holds vssd's own state directory".into()), &mut outcome);
             continue;
         }
         if opts.exclude_fstypes.iter().any(|t| t == &first.fstype) {
-            set(Outcome::Skipped(format!("excluded by configuration (fstype {})", first.fstype)), &mut outcome);
+            set(Outcome::Skipped(format!("excluded: fstype {} is in exclude-fstypes", first.fstype)), &mut outcome);
             continue;
         }
         if let Some(i) = inside.iter().find(|&&i| opts.exclude.iter().any(|e| under(&mounts[i].mount_point, e))) {
             set(
-                Outcome::Skipped(format!("excluded by configuration ({})", mounts[*i].mount_point.display())),
+                Outcome::Skipped(format!("excluded: {} is in exclude", mounts[*i].mount_point.display())),
                 &mut outcome,
             );
             continue;
@@ -283,12 +283,12 @@ pub fn plan(
         if !opts.include.is_empty()
             && !inside.iter().any(|&i| opts.include.iter().any(|e| under(&mounts[i].mount_point, e)))
         {
-            set(Outcome::Skipped("not in the configured include list".into()), &mut outcome);
+            set(Outcome::Skipped("not-included: not in the configured include list".into()), &mut outcome);
             continue;
         }
         if let Some(only) = &opts.only {
             if !inside.iter().any(|&i| only.contains(&mounts[i].mount_point)) {
-                set(Outcome::Skipped("not in the request's list of mount points".into()), &mut outcome);
+                set(Outcome::Skipped("not-listed: not in the request's list of mount points".into()), &mut outcome);
                 continue;
             }
         }
@@ -296,14 +296,14 @@ pub fn plan(
         let reachable: Vec<usize> = inside.iter().copied().filter(|&i| !hidden(i)).collect();
         let named = opts.only.as_ref().and_then(|only| reachable.iter().copied().find(|&i| only.contains(&mounts[i].mount_point)));
         let Some(rep) = named.or_else(|| reachable.first().copied()) else {
-            set(Outcome::Skipped("hidden under another mount at the same path".into()), &mut outcome);
+            set(Outcome::Skipped("hidden: another mount sits on top of it at the same path".into()), &mut outcome);
             continue;
         };
         for &i in &inside {
             let o = if i == rep {
                 Outcome::Freeze
             } else if hidden(i) {
-                Outcome::Skipped("hidden under another mount at the same path".into())
+                Outcome::Skipped("hidden: another mount sits on top of it at the same path".into())
             } else {
                 Outcome::SameFilesystem { via: mounts[rep].mount_point.clone() }
             };
@@ -467,7 +467,7 @@ mod tests {
         let listed: Vec<_> = p.mounts.iter().map(|m| m.mount_point.clone()).collect();
         assert_eq!(listed, vec![PathBuf::from("/s/c")]);
         // /s/c-sub is the same btrfs, mounted outside /s/c: never frozen.
-        assert!(matches!(outcome(&p, "/s/c"), Outcome::Skipped(r) if r.contains("outside the scope")));
+        assert!(matches!(outcome(&p, "/s/c"), Outcome::Skipped(r) if r.contains("also-mounted-outside-scope")));
     }
 
     #[test]
@@ -483,7 +483,7 @@ mod tests {
     #[test]
     fn pseudo_network_readonly_and_cannot_freeze_are_classified_with_reasons() {
         let p = plan(&table(), &PlanOptions::new("/s"), &no_backing).unwrap();
-        assert!(matches!(outcome(&p, "/s/t"), Outcome::Skipped(r) if r.contains("memory")));
+        assert!(matches!(outcome(&p, "/s/t"), Outcome::Skipped(r) if r.contains("pseudo")));
         assert!(matches!(outcome(&p, "/s/ro"), Outcome::Skipped(r) if r.contains("read-only")));
         assert!(matches!(outcome(&p, "/s/nfs"), Outcome::Skipped(r) if r.contains("network")));
         assert!(matches!(outcome(&p, "/s/fuse"), Outcome::CannotFreeze(r) if r.contains("fuse.fuse2fs")));
@@ -520,7 +520,7 @@ mod tests {
         let mut o = PlanOptions::new("/s");
         o.avoid_devs = vec!["7:1".parse().unwrap()];
         let p = plan(&table(), &o, &no_backing).unwrap();
-        assert!(matches!(outcome(&p, "/s/b"), Outcome::Skipped(r) if r.contains("state directory")));
+        assert!(matches!(outcome(&p, "/s/b"), Outcome::Skipped(r) if r.contains("state-dir")));
     }
 
     #[test]
@@ -531,7 +531,7 @@ mod tests {
         assert_eq!(p.freeze_count(), 2);
         assert_eq!(outcome(&p, "/s/a-bind"), &Outcome::Freeze);
         assert_eq!(outcome(&p, "/s/a"), &Outcome::SameFilesystem { via: "/s/a-bind".into() });
-        assert!(matches!(outcome(&p, "/s/c"), Outcome::Skipped(r) if r.contains("list")));
+        assert!(matches!(outcome(&p, "/s/c"), Outcome::Skipped(r) if r.contains("not-listed")));
     }
 
     #[test]

@@ -48,7 +48,7 @@ enum Cmd {
         #[arg(long)]
         deadline: Option<f64>,
         /// skip (report and go on) or veto (fail) when a filesystem cannot be frozen.
-        #[arg(long, value_name = "POLICY")]
+        #[arg(long, value_name = "POLICY", value_parser = ["skip", "veto"])]
         cannot_freeze: Option<String>,
         /// Freeze exactly these mount points.
         mountpoints: Vec<PathBuf>,
@@ -66,6 +66,9 @@ enum Cmd {
         #[arg(long, default_value = "/run/vssd")]
         state_dir: PathBuf,
     },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Debug)]
@@ -152,6 +155,11 @@ fn print_mounts(v: &Value) {
 fn run(cli: &Cli) -> Result<Value, Failure> {
     let timeout = Duration::from_secs_f64(cli.timeout.max(0.1));
     match &cli.cmd {
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command().name("vssctl");
+            clap_mangen::Man::new(cmd).section("8").render(&mut std::io::stdout()).map_err(|e| Failure::Refused(e.to_string()))?;
+            std::process::exit(0);
+        }
         Cmd::Status => {
             let v = Client::connect(&cli.socket, timeout)?.call("vssd-status", json!({}))?;
             if !cli.json {

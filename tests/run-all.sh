@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every test: unit tests of every crate, then the root tier (real FIFREEZE on loop filesystems
+# the tests create, always scoped), then one short run of the benchmark so its figures are in
+# the log. Needs root; the README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run-all.sh: the root tier needs root: sudo $0" >&2; exit 2; }
+bash tests/setup.sh
+
+echo "== build"
+cargo build --workspace --bins --locked
+
+echo "== unit tests and root tier"
+# A private mount namespace: the tests' mounts stay out of the host's view, and nothing
+# outside (a qemu-ga elsewhere on the machine thaws every filesystem it sees) reaches them.
+unshare -m --propagation private cargo test --workspace --locked
+
+echo "== benchmark (short run; the full one is: cargo run --release -p tests --bin freeze-bench)"
+cargo build --release --locked -p vssd -p tests --bins
+unshare -m --propagation private ./target/release/freeze-bench --counts 1,16 --cycles 5
+
+leftover=$(losetup -a | grep -c -e vssd -e /tmp/ || true)
+if [ "$leftover" -gt 0 ]; then
+  echo "run-all.sh: $leftover loop device(s) left attached by a test:" >&2; losetup -a >&2; exit 1
+fi
+echo "== all tests passed"

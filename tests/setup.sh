@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what the demo, the tests and the benchmark need on a fresh Debian 12 machine.
+# Idempotent; needs root. Rust (cargo) must already be installed.
+set -euo pipefail
+[ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (it installs packages and makes loop devices)" >&2; exit 2; }
+command -v cargo >/dev/null || { echo "setup.sh: cargo not found: install Rust first (https://rustup.rs or apt-get install cargo)" >&2; exit 2; }
+
+pkgs=(
+  e2fsprogs xfsprogs btrfs-progs   # the filesystems the root tier freezes
+  fuse3 fuse2fs                    # a local writable filesystem that cannot freeze (FUSE)
+  util-linux kmod                  # losetup, mount, fsfreeze, unshare; modprobe
+  qemu-guest-agent                 # the peer we compare with (run only scoped, never as a service)
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  [[ $p == \#* ]] && continue
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # --no-install-recommends, and never start qemu-guest-agent's service: it must not freeze this host.
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+systemctl stop qemu-guest-agent.service 2>/dev/null || true
+modprobe loop 2>/dev/null || true
+[ -e /dev/loop-control ] || { echo "setup.sh: no /dev/loop-control: the loop driver is missing" >&2; exit 1; }
+modprobe fuse 2>/dev/null || true
