@@ -5,51 +5,53 @@
 //! freeze window. Workers stay parked between requests and leave after a while unused, so
 //! an idle agent holds no extra threads for long.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-struct Pool {
-    queue: Mutex<VecDeque<Job>>,
-    ready: Condvar,
-    idle: AtomicUsize,
+/// A parked worker: its own channel, so handing it a job wakes exactly that thread (a shared
+/// queue would wake every worker to fight over one lock, on two vCPUs, inside the window).
+struct Worker {
+    id: u64,
+    tx: Sender<Job>,
 }
 
 const IDLE_EXIT: Duration = Duration::from_secs(60);
-const MAX_THREADS: usize = 256;
 
-fn pool() -> &'static Arc<Pool> {
-    static POOL: OnceLock<Arc<Pool>> = OnceLock::new();
-    POOL.get_or_init(|| Arc::new(Pool { queue: Mutex::new(VecDeque::new()), ready: Condvar::new(), idle: AtomicUsize::new(0) }))
+fn idle() -> &'static Mutex<Vec<Worker>> {
+    static IDLE: OnceLock<Mutex<Vec<Worker>>> = OnceLock::new();
+    IDLE.get_or_init(|| Mutex::new(Vec::new()))
 }
 
-fn worker(p: Arc<Pool>) {
-    loop {
-        let job = {
-            let mut q = p.queue.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                if let Some(j) = q.pop_front() {
-                    break Some(j);
-                }
-                let (g, t) = p.ready.wait_timeout(q, IDLE_EXIT).unwrap_or_else(|e| e.into_inner());
-                q = g;
-                if t.timed_out() && q.is_empty() {
-                    break None;
+fn lock() -> std::sync::MutexGuard<'static, Vec<Worker>> {
+    idle().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn spawn_worker() -> Option<Sender<Job>> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel::<Job>();
+    let back = tx.clone();
+    let spawned = std::thread::Builder::new().name("vssd-fs".into()).stack_size(256 * 1024).spawn(move || loop {
+        match rx.recv_timeout(IDLE_EXIT) {
+            Ok(job) => {
+                job();
+                lock().push(Worker { id, tx: back.clone() });
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let mut l = lock();
+                // Leave only if parked; if a job was just handed over, stay for it.
+                if let Some(pos) = l.iter().position(|w| w.id == id) {
+                    l.swap_remove(pos);
+                    return;
                 }
             }
-        };
-        let Some(job) = job else {
-            p.idle.fetch_sub(1, Ordering::AcqRel);
-            return;
-        };
-        p.idle.fetch_sub(1, Ordering::AcqRel);
-        job();
-        p.idle.fetch_add(1, Ordering::AcqRel);
-    }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    });
+    spawned.ok().map(|_| tx)
 }
 
 /// Runs every job at once on pooled threads and returns their results in order.
@@ -58,29 +60,31 @@ pub fn run_all<R: Send + 'static>(mut jobs: Vec<Box<dyn FnOnce() -> R + Send + '
     if jobs.len() <= 1 {
         return jobs.drain(..).map(|j| j()).collect();
     }
-    let p = pool();
     let n = jobs.len();
     let (tx, rx) = mpsc::channel::<(usize, R)>();
-    {
-        let mut q = p.queue.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, j) in jobs.into_iter().enumerate() {
-            let tx = tx.clone();
-            q.push_back(Box::new(move || {
-                let _ = tx.send((i, j()));
-            }));
+    let mut parked: Vec<Worker> = {
+        let mut l = lock();
+        let keep = l.len().saturating_sub(n);
+        l.split_off(keep)
+    };
+    for (i, j) in jobs.into_iter().enumerate() {
+        let tx = tx.clone();
+        let job: Job = Box::new(move || {
+            let _ = tx.send((i, j()));
+        });
+        let handed = match parked.pop() {
+            Some(w) => w.tx.send(job).map_err(|e| e.0),
+            None => match spawn_worker() {
+                Some(t) => t.send(job).map_err(|e| e.0),
+                None => Err(job),
+            },
+        };
+        // No worker could take it (no thread to be had): run it here, less parallel but done.
+        if let Err(job) = handed {
+            job();
         }
     }
     drop(tx);
-    let idle = p.idle.load(Ordering::Acquire);
-    for _ in idle..n.min(MAX_THREADS) {
-        let p2 = p.clone();
-        p.idle.fetch_add(1, Ordering::AcqRel);
-        if std::thread::Builder::new().name("vssd-fs".into()).stack_size(256 * 1024).spawn(move || worker(p2)).is_err() {
-            // No thread: the existing workers still drain the queue, just less in parallel.
-            p.idle.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-    p.ready.notify_all();
     let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
     for (i, r) in rx {
         out[i] = Some(r);
