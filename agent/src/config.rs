@@ -64,6 +64,28 @@ impl std::fmt::Display for ChannelSpec {
     }
 }
 
+/// What a failing app or hook does to a freeze.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AppFailurePolicy {
+    /// Report it and freeze the rest (filesystem-consistent for that app).
+    #[default]
+    Continue,
+    /// Fail the whole freeze before any filesystem is frozen.
+    Fail,
+}
+
+impl std::str::FromStr for AppFailurePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "continue" => Ok(Self::Continue),
+            "fail" => Ok(Self::Fail),
+            _ => Err(format!("`{s}` is not an app-failure policy: use continue or fail")),
+        }
+    }
+}
+
 /// The settings vssd runs with. Field names are the TOML keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -90,6 +112,27 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Serve the local control socket `STATE_DIR/vssd.sock` for vssctl.
     pub control_socket: bool,
+    /// Serve applications that hold a freeze (appvss) on `app-socket`.
+    pub apps: bool,
+    /// The app socket; default STATE_DIR/appvss.sock.
+    pub app_socket: Option<PathBuf>,
+    /// Group that owns the app socket, if it exists (members may register apps).
+    pub app_socket_group: String,
+    /// Mode of the app socket (TOML octal: 0o660).
+    pub app_socket_mode: u32,
+    /// Most registrations one uid may hold at once.
+    pub app_max_per_uid: usize,
+    /// Seconds an app has to answer PREPARE.
+    pub app_prepare_deadline: f64,
+    /// Seconds an app has to flush and answer HELD.
+    pub app_freeze_deadline: f64,
+    /// `continue`: an app that vetoes, fails, is late or vanishes is reported and the freeze
+    /// goes on (filesystem-consistent for it); `fail`: the freeze fails. Hooks likewise.
+    pub app_failure: AppFailurePolicy,
+    /// Directories of hook executables, run with `freeze` / `thaw`.
+    pub hooks_dirs: Vec<PathBuf>,
+    /// Seconds each hook may run before it is killed.
+    pub hook_deadline: f64,
     /// The mount table to read (a test may point this elsewhere).
     pub mountinfo: PathBuf,
     /// The sysfs root (block topology, virtio-serial ports).
@@ -112,6 +155,16 @@ impl Default for Config {
             state_dir: "/run/vssd".into(),
             max_message_bytes: 1 << 20,
             control_socket: true,
+            apps: true,
+            app_socket: None,
+            app_socket_group: "vssd".into(),
+            app_socket_mode: 0o660,
+            app_max_per_uid: 64,
+            app_prepare_deadline: 5.0,
+            app_freeze_deadline: 10.0,
+            app_failure: AppFailurePolicy::Continue,
+            hooks_dirs: vec!["/etc/vssd/hooks.d".into(), "/etc/qemu/fsfreeze-hook.d".into()],
+            hook_deadline: 30.0,
             mountinfo: "/proc/self/mountinfo".into(),
             sysfs: "/sys".into(),
             devfs: "/dev".into(),
@@ -166,6 +219,18 @@ impl Config {
         if !(self.channel_drop_grace >= 0.0 && self.channel_drop_grace <= 86_400.0) {
             return bad(format!("channel-drop-grace {} must be between 0 and 86400 seconds", self.channel_drop_grace));
         }
+        for (name, v) in [
+            ("app-prepare-deadline", self.app_prepare_deadline),
+            ("app-freeze-deadline", self.app_freeze_deadline),
+            ("hook-deadline", self.hook_deadline),
+        ] {
+            if !(v > 0.0 && v <= 3600.0) {
+                return bad(format!("{name} {v} must be between 0 and 3600 seconds"));
+            }
+        }
+        if self.app_socket_mode > 0o777 {
+            return bad(format!("app-socket-mode {:o} is not a permission mode (e.g. 0o660)", self.app_socket_mode));
+        }
         if self.max_message_bytes < 1024 {
             return bad(format!("max-message-bytes {} is too small (at least 1024)", self.max_message_bytes));
         }
@@ -182,6 +247,22 @@ impl Config {
 
     pub fn control_socket_path(&self) -> PathBuf {
         self.state_dir.join("vssd.sock")
+    }
+
+    pub fn app_socket_path(&self) -> PathBuf {
+        self.app_socket.clone().unwrap_or_else(|| self.state_dir.join("appvss.sock"))
+    }
+
+    pub fn app_prepare_deadline(&self) -> Duration {
+        Duration::from_secs_f64(self.app_prepare_deadline)
+    }
+
+    pub fn app_freeze_deadline(&self) -> Duration {
+        Duration::from_secs_f64(self.app_freeze_deadline)
+    }
+
+    pub fn hook_deadline(&self) -> Duration {
+        Duration::from_secs_f64(self.hook_deadline)
     }
 }
 

@@ -204,8 +204,13 @@ pub struct FrozenState {
     pub deadline: Instant,
     /// The channel whose disappearance thaws (None: only the deadline does).
     pub owner: Option<u64>,
-    /// Increments per freeze, so a timer of an old freeze never thaws a new one.
+    /// Increments per freeze, so a timer of an old freeze never thaws a new one; also the
+    /// `freeze_id` apps see.
     pub generation: u64,
+    /// Apps that got PREPARE for this freeze: each gets THAW.
+    pub apps: Vec<u64>,
+    /// Hooks whose freeze phase ran: each gets its thaw phase.
+    pub hooks: Vec<PathBuf>,
 }
 
 /// A transition attempted from the wrong state.
@@ -413,7 +418,15 @@ mod tests {
     }
 
     fn frozen_state() -> FrozenState {
-        FrozenState { filesystems: vec![], since: Instant::now(), deadline: Instant::now(), owner: None, generation: 1 }
+        FrozenState {
+            filesystems: vec![],
+            since: Instant::now(),
+            deadline: Instant::now(),
+            owner: None,
+            generation: 1,
+            apps: vec![],
+            hooks: vec![],
+        }
     }
 
     #[test]

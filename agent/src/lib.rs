@@ -7,8 +7,10 @@
 //! [`plan`] (what to freeze, in what order) → [`engine`] (parallel FIFREEZE, thaw to the end).
 #![forbid(unsafe_code)]
 
+pub mod apps;
 pub mod config;
 pub mod engine;
+pub mod hooks;
 pub mod marker;
 pub mod plan;
 pub mod qga;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{error, info};
 
-use vssd::config::{ChannelSpec, Config, DEFAULT_PATH};
+use vssd::apps::{AppSettings, Apps};
+use vssd::config::{AppFailurePolicy, ChannelSpec, Config, DEFAULT_PATH};
 use vssd::engine::RealKernel;
 use vssd::plan::CannotFreezePolicy;
 use vssd::service::Agent;
@@ -58,6 +59,32 @@ struct Cli {
     /// Do not serve the local control socket STATE_DIR/vssd.sock.
     #[arg(long)]
     no_control_socket: bool,
+    /// Where applications register to hold a freeze (default STATE_DIR/appvss.sock).
+    #[arg(long, value_name = "PATH")]
+    app_socket: Option<PathBuf>,
+    /// Serve no applications (no app socket).
+    #[arg(long)]
+    no_apps: bool,
+    /// An app or hook that vetoes, fails, is late or vanishes: `continue` (default; report it,
+    /// freeze the rest) or `fail` the freeze.
+    #[arg(long, value_name = "POLICY")]
+    app_failure: Option<AppFailurePolicy>,
+    /// Most app registrations per uid (default 64).
+    #[arg(long, value_name = "N")]
+    app_max_per_uid: Option<usize>,
+    /// Seconds an app has to answer PREPARE (default 5).
+    #[arg(long, value_name = "SECONDS")]
+    app_prepare_deadline: Option<f64>,
+    /// Seconds an app has to flush and answer HELD (default 10).
+    #[arg(long, value_name = "SECONDS")]
+    app_freeze_deadline: Option<f64>,
+    /// A directory of hook executables run with `freeze`/`thaw`. Repeatable; replaces the
+    /// config's list (default /etc/vssd/hooks.d and /etc/qemu/fsfreeze-hook.d).
+    #[arg(long = "hooks-dir", value_name = "DIR")]
+    hooks_dirs: Vec<PathBuf>,
+    /// Seconds a hook may run before it is killed (default 30).
+    #[arg(long, value_name = "SECONDS")]
+    hook_deadline: Option<f64>,
     /// Mount table to read (for tests; default /proc/self/mountinfo).
     #[arg(long, value_name = "FILE", hide = true)]
     mountinfo: Option<PathBuf>,
@@ -102,6 +129,30 @@ fn effective_config(cli: &Cli) -> Result<Config, String> {
     }
     if cli.no_control_socket {
         c.control_socket = false;
+    }
+    if let Some(v) = &cli.app_socket {
+        c.app_socket = Some(v.clone());
+    }
+    if cli.no_apps {
+        c.apps = false;
+    }
+    if let Some(v) = cli.app_failure {
+        c.app_failure = v;
+    }
+    if let Some(v) = cli.app_max_per_uid {
+        c.app_max_per_uid = v;
+    }
+    if let Some(v) = cli.app_prepare_deadline {
+        c.app_prepare_deadline = v;
+    }
+    if let Some(v) = cli.app_freeze_deadline {
+        c.app_freeze_deadline = v;
+    }
+    if !cli.hooks_dirs.is_empty() {
+        c.hooks_dirs = cli.hooks_dirs.clone();
+    }
+    if let Some(v) = cli.hook_deadline {
+        c.hook_deadline = v;
     }
     if let Some(v) = &cli.mountinfo {
         c.mountinfo = v.clone();
@@ -164,7 +215,21 @@ async fn run(cfg: Config) -> ExitCode {
     }
     let control = cfg.control_socket.then(|| cfg.control_socket_path());
     let channels = cfg.channels.clone();
-    let agent = Agent::new(cfg, Arc::new(RealKernel));
+    let apps = cfg.apps.then(|| {
+        Apps::new(AppSettings {
+            socket: cfg.app_socket_path(),
+            group: cfg.app_socket_group.clone(),
+            mode: cfg.app_socket_mode,
+            max_per_uid: cfg.app_max_per_uid,
+        })
+    });
+    if let Some(a) = &apps {
+        if let Err(e) = a.listen() {
+            error!("cannot listen for applications on {}: {e}", cfg.app_socket_path().display());
+            return ExitCode::from(1);
+        }
+    }
+    let agent = Agent::with_apps(cfg, Arc::new(RealKernel), apps);
     agent.recover();
     if let Err(e) = vssd::server::start(agent.clone(), &channels, control).await {
         error!("{e}");

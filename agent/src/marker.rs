@@ -14,6 +14,9 @@ use crate::engine::FrozenFs;
 pub struct MarkerData {
     pub pid: u32,
     pub filesystems: Vec<FrozenFs>,
+    /// Hooks whose freeze phase ran: their thaw phase runs at recovery.
+    #[serde(default)]
+    pub hooks: Vec<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -27,11 +30,11 @@ impl Marker {
     }
 
     /// Writes atomically (temporary file, then rename) so a crash never leaves half a marker.
-    pub fn write(&self, fs: &[FrozenFs]) -> std::io::Result<()> {
+    pub fn write(&self, fs: &[FrozenFs], hooks: &[PathBuf]) -> std::io::Result<()> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let data = MarkerData { pid: std::process::id(), filesystems: fs.to_vec() };
+        let data = MarkerData { pid: std::process::id(), filesystems: fs.to_vec(), hooks: hooks.to_vec() };
         let tmp = self.path.with_extension("json.tmp");
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&serde_json::to_vec(&data).map_err(std::io::Error::other)?)?;
@@ -70,7 +73,7 @@ mod tests {
         let m = Marker::new(d.path().join("sub/frozen.json"));
         assert!(m.read().is_none());
         let fs = vec![FrozenFs { mount_point: "/a".into(), fstype: "ext4".into(), dev: "7:1".parse().unwrap(), level: 0 }];
-        m.write(&fs).unwrap();
+        m.write(&fs, &[]).unwrap();
         let back = m.read().unwrap();
         assert_eq!(back.filesystems, fs);
         assert_eq!(back.pid, std::process::id());

@@ -19,7 +19,10 @@ use kmod_shim::topology::Topology;
 use serde::Serialize;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::apps::{Answer, AppReport, Apps};
+use crate::config::{AppFailurePolicy, Config};
+use crate::hooks::{self, HookOutcome, HookRun};
+use appvss::proto::ThawReason;
 use crate::engine::{self, AutoThawReason, FrozenFs, FrozenState, Kernel, Lifecycle};
 use crate::marker::Marker;
 use crate::plan::{self, CannotFreezePolicy, Outcome, Plan, PlanOptions};
@@ -35,6 +38,8 @@ pub struct FreezeRequest {
     pub cannot_freeze: Option<CannotFreezePolicy>,
     /// The channel whose disappearance thaws; None: only the deadline thaws.
     pub owner: Option<u64>,
+    /// Overrides the configured app-failure policy.
+    pub app_failure: Option<AppFailurePolicy>,
 }
 
 /// Per-mount line of a report.
@@ -63,7 +68,11 @@ pub struct FreezeReport {
     pub elapsed_ms: f64,
     /// Of which reading the mount table and topology and planning.
     pub plan_ms: f64,
+    /// `application` when apps or hooks took part and all held; else `filesystem`.
+    pub consistency: &'static str,
     pub mounts: Vec<MountReport>,
+    pub apps: Vec<AppReport>,
+    pub hooks: Vec<HookRun>,
 }
 
 /// A thaw vssd did by itself, kept for `vssd-status` and the host's next thaw.
@@ -88,6 +97,9 @@ pub struct ThawError {
 pub struct ThawResult {
     pub thawed: usize,
     pub errors: Vec<ThawError>,
+    /// Apps sent THAW.
+    pub apps: usize,
+    pub hooks: Vec<HookRun>,
 }
 
 /// Errors of the agent's operations, mapped to QGA error classes by the protocol layer.
@@ -114,6 +126,10 @@ pub enum AgentError {
          crash-consistent; take it again, or raise freeze-deadline"
     )]
     AlreadyAutoThawed(String),
+    #[error("app {0} (app-failure policy is `fail`; `continue` freezes anyway and reports the app)")]
+    AppFailed(String),
+    #[error("hook {0} (app-failure policy is `fail`; `continue` freezes anyway and reports the hook)")]
+    HookFailed(String),
     #[error("thaw finished with errors: {0}")]
     ThawErrors(String),
     #[error("internal error: {0}")]
@@ -137,6 +153,14 @@ pub struct Agent {
     generation: AtomicU64,
     next_channel: AtomicU64,
     marker: Marker,
+    apps: Option<Arc<Apps>>,
+}
+
+/// What a freeze in progress has engaged and must release if it does not complete.
+#[derive(Debug, Default)]
+struct Engaged {
+    apps: Vec<u64>,
+    hooks: Vec<PathBuf>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -149,6 +173,11 @@ fn ms(d: Duration) -> f64 {
 
 impl Agent {
     pub fn new(cfg: Config, kernel: Arc<dyn Kernel>) -> Arc<Agent> {
+        Self::with_apps(cfg, kernel, None)
+    }
+
+    /// An agent whose freezes include the apps registered with `apps`.
+    pub fn with_apps(cfg: Config, kernel: Arc<dyn Kernel>, apps: Option<Arc<Apps>>) -> Arc<Agent> {
         let marker = Marker::new(cfg.state_dir.join("frozen.json"));
         Arc::new(Agent {
             cfg,
@@ -158,6 +187,7 @@ impl Agent {
             generation: AtomicU64::new(0),
             next_channel: AtomicU64::new(1),
             marker,
+            apps,
         })
     }
 
@@ -201,6 +231,9 @@ impl Agent {
             .filter(|f| mounts.iter().any(|x| x.mount_point == f.mount_point && x.dev == f.dev))
             .collect();
         let report = engine::thaw(&self.kernel, &still);
+        if !m.hooks.is_empty() {
+            hooks::run(&m.hooks, "thaw", self.cfg.hook_deadline());
+        }
         let rec = self.auto_thaw_record(AutoThawReason::RecoveredAfterCrash, Duration::ZERO, &report);
         for e in &rec.errors {
             error!(mountpoint = %e.mountpoint, error = %e.error, "recovery thaw failed");
@@ -247,48 +280,55 @@ impl Agent {
         Ok(plan::plan(&mounts, &self.plan_options(only), &backing)?)
     }
 
-    /// Freezes; on success the filesystems stay frozen until thaw, the deadline, or the owner
-    /// channel's disappearance.
+    /// Freezes apps, hooks and filesystems; on success they stay frozen until thaw, the
+    /// deadline, or the owner channel's disappearance. On failure nothing stays frozen.
     pub async fn freeze(self: &Arc<Self>, req: FreezeRequest) -> Result<FreezeReport, AgentError> {
         let _op = self.op.lock().await;
         let start = Instant::now();
         self.lock().life.begin_freeze()?;
-        let me = self.clone();
-        let req2 = req.clone();
-        let result = tokio::task::spawn_blocking(move || me.freeze_blocking(&req2))
-            .await
-            .unwrap_or_else(|e| Err(AgentError::Internal(format!("freeze task failed: {e}"))));
-        let mut inner = self.lock();
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let deadline_len = req.deadline.unwrap_or_else(|| self.cfg.freeze_deadline());
+        let mut engaged = Engaged::default();
+        let result = self.freeze_steps(&req, generation, start + deadline_len, &mut engaged).await;
         match result {
             Err(e) => {
-                inner.life.freeze_failed()?;
-                drop(inner);
+                self.release(&engaged, generation, ThawReason::Aborted).await;
+                self.lock().life.freeze_failed()?;
                 self.marker.remove();
                 warn!(error = %e, "freeze failed; nothing is left frozen");
                 Err(e)
             }
             Ok((frozen, report)) if frozen.is_empty() => {
                 // As qemu-ga: a freeze that froze nothing leaves the guest thawed.
-                inner.life.freeze_failed()?;
-                drop(inner);
+                self.release(&engaged, generation, ThawReason::Completed).await;
+                self.lock().life.freeze_failed()?;
                 self.marker.remove();
                 info!("nothing to freeze; still thawed");
                 Ok(report)
             }
             Ok((frozen, report)) => {
-                let deadline_len = req.deadline.unwrap_or_else(|| self.cfg.freeze_deadline());
-                let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 let deadline = start + deadline_len;
-                inner.life.freeze_done(FrozenState {
-                    filesystems: frozen,
-                    since: start,
-                    deadline,
-                    owner: req.owner,
-                    generation,
-                })?;
-                inner.notice = None;
-                drop(inner);
-                info!(frozen = report.frozen, elapsed_ms = report.elapsed_ms, deadline_s = deadline_len.as_secs_f64(), "frozen");
+                {
+                    let mut inner = self.lock();
+                    inner.life.freeze_done(FrozenState {
+                        filesystems: frozen,
+                        since: start,
+                        deadline,
+                        owner: req.owner,
+                        generation,
+                        apps: engaged.apps,
+                        hooks: engaged.hooks,
+                    })?;
+                    inner.notice = None;
+                }
+                info!(
+                    frozen = report.frozen,
+                    apps = report.apps.len(),
+                    elapsed_ms = report.elapsed_ms,
+                    deadline_s = deadline_len.as_secs_f64(),
+                    consistency = report.consistency,
+                    "frozen"
+                );
                 let me = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep_until(deadline.into()).await;
@@ -299,9 +339,22 @@ impl Agent {
         }
     }
 
-    fn freeze_blocking(&self, req: &FreezeRequest) -> Result<(Vec<FrozenFs>, FreezeReport), AgentError> {
+    /// Plan → apps PREPARE and FREEZE → hooks → marker → FIFREEZE. Records in `engaged` what
+    /// must be released if a later step fails.
+    async fn freeze_steps(
+        self: &Arc<Self>,
+        req: &FreezeRequest,
+        freeze_id: u64,
+        deadline: Instant,
+        engaged: &mut Engaged,
+    ) -> Result<(Vec<FrozenFs>, FreezeReport), AgentError> {
         let t0 = Instant::now();
-        let plan = self.plan(req.mountpoints.clone())?;
+        let me = self.clone();
+        let only = req.mountpoints.clone();
+        let plan = tokio::task::spawn_blocking(move || me.plan(only))
+            .await
+            .map_err(|e| AgentError::Internal(format!("plan task failed: {e}")))??;
+        let plan_elapsed = t0.elapsed();
         let policy = req.cannot_freeze.unwrap_or(self.cfg.cannot_freeze);
         if policy == CannotFreezePolicy::Veto {
             let blocked: Vec<String> =
@@ -313,21 +366,69 @@ impl Agent {
         for m in plan.cannot_freeze() {
             warn!(mountpoint = %m.mount_point.display(), fstype = %m.fstype, "cannot be frozen; skipped (policy skip)");
         }
-        let planned: Vec<FrozenFs> = plan
-            .levels
-            .iter()
-            .flatten()
-            .map(|&i| {
-                let m = &plan.mounts[i];
-                FrozenFs { mount_point: m.mount_point.clone(), fstype: m.fstype.clone(), dev: m.dev, level: m.level }
-            })
-            .collect();
-        let plan_elapsed = t0.elapsed();
-        self.marker
-            .write(&planned)
-            .map_err(|source| AgentError::Marker { dir: self.cfg.state_dir.clone(), source })?;
-        let (frozen, timings) = engine::freeze(&self.kernel, &plan)?;
-        let elapsed = t0.elapsed();
+        let app_policy = req.app_failure.unwrap_or(self.cfg.app_failure);
+
+        let mut app_reports = Vec::new();
+        if let Some(apps) = self.apps.as_ref().filter(|a| a.count() > 0) {
+            let prep = apps.prepare(freeze_id, self.cfg.app_prepare_deadline()).await;
+            engaged.apps = prep.iter().filter(|r| r.outcome != Answer::Disconnected).map(|r| r.app_id).collect();
+            let ready: Vec<u64> = prep.iter().filter(|r| r.outcome == Answer::Ready).map(|r| r.app_id).collect();
+            if app_policy == AppFailurePolicy::Fail {
+                if let Some(bad) = prep.iter().find(|r| r.outcome != Answer::Ready) {
+                    return Err(AgentError::AppFailed(describe_app(bad, "PREPARE")));
+                }
+            }
+            let max_hold = deadline.saturating_duration_since(Instant::now());
+            let held = apps.freeze(&ready, freeze_id, self.cfg.app_freeze_deadline(), max_hold).await;
+            if app_policy == AppFailurePolicy::Fail {
+                if let Some(bad) = held.iter().find(|r| r.outcome != Answer::Held) {
+                    return Err(AgentError::AppFailed(describe_app(bad, "FREEZE")));
+                }
+            }
+            for mut r in prep {
+                if let Some(h) = held.iter().find(|h| h.app_id == r.app_id) {
+                    r.outcome = h.outcome;
+                    r.reason = h.reason.clone();
+                    r.freeze_ms = h.freeze_ms;
+                }
+                if r.outcome != Answer::Held {
+                    warn!(app = %r.name, app_id = r.app_id, outcome = ?r.outcome, reason = ?r.reason, "app does not hold this freeze");
+                }
+                app_reports.push(r);
+            }
+        }
+
+        let hook_list = hooks::discover(&self.cfg.hooks_dirs);
+        engaged.hooks = hook_list.clone();
+        let me = self.clone();
+        let (frozen, timings, hook_runs, plan) = tokio::task::spawn_blocking(move || {
+            let runs = hooks::run(&hook_list, "freeze", me.cfg.hook_deadline());
+            if app_policy == AppFailurePolicy::Fail {
+                if let Some(bad) = runs.iter().find(|r| r.outcome != HookOutcome::Ok) {
+                    return Err(AgentError::HookFailed(format!(
+                        "{} failed at freeze ({:?}, exit {:?}): {}",
+                        bad.path, bad.outcome, bad.exit_code, bad.output
+                    )));
+                }
+            }
+            let planned: Vec<FrozenFs> = plan
+                .levels
+                .iter()
+                .flatten()
+                .map(|&i| {
+                    let m = &plan.mounts[i];
+                    FrozenFs { mount_point: m.mount_point.clone(), fstype: m.fstype.clone(), dev: m.dev, level: m.level }
+                })
+                .collect();
+            me.marker
+                .write(&planned, &hook_list)
+                .map_err(|source| AgentError::Marker { dir: me.cfg.state_dir.clone(), source })?;
+            let (frozen, timings) = engine::freeze(&me.kernel, &plan)?;
+            Ok((frozen, timings, runs, plan))
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("freeze task failed: {e}")))??;
+
         let mounts = plan
             .mounts
             .iter()
@@ -336,8 +437,36 @@ impl Agent {
                 mount_report(m, if t.is_some() { "frozen" } else { m.outcome.name() }, t.map(|t| ms(t.elapsed)))
             })
             .collect();
-        let report = FreezeReport { frozen: frozen.len(), deadline_ms: 0, elapsed_ms: ms(elapsed), plan_ms: ms(plan_elapsed), mounts };
+        let took_part = !app_reports.is_empty() || !hook_runs.is_empty();
+        let all_held = app_reports.iter().all(|r| r.outcome == Answer::Held)
+            && hook_runs.iter().all(|r| r.outcome == HookOutcome::Ok);
+        let report = FreezeReport {
+            frozen: frozen.len(),
+            deadline_ms: 0,
+            elapsed_ms: ms(t0.elapsed()),
+            plan_ms: ms(plan_elapsed),
+            consistency: if took_part && all_held { "application" } else { "filesystem" },
+            mounts,
+            apps: app_reports,
+            hooks: hook_runs,
+        };
         Ok((frozen, report))
+    }
+
+    /// Releases apps (THAW, never awaited) and runs the thaw hooks, after the filesystems
+    /// are thawed (or were never frozen).
+    async fn release(&self, engaged: &Engaged, freeze_id: u64, reason: ThawReason) -> Vec<HookRun> {
+        if let Some(apps) = &self.apps {
+            if !engaged.apps.is_empty() {
+                apps.thaw(&engaged.apps, freeze_id, reason);
+            }
+        }
+        if engaged.hooks.is_empty() {
+            return vec![];
+        }
+        let hooks = engaged.hooks.clone();
+        let deadline = self.cfg.hook_deadline();
+        tokio::task::spawn_blocking(move || hooks::run(&hooks, "thaw", deadline)).await.unwrap_or_default()
     }
 
     /// Thaws on the host's request. Reports the auto-thaw notice once, as an error, when vssd
@@ -354,8 +483,10 @@ impl Agent {
             }
             s
         };
-        let Some(state) = state else { return Ok(ThawResult { thawed: 0, errors: vec![] }) };
+        let Some(state) = state else { return Ok(ThawResult { thawed: 0, errors: vec![], apps: 0, hooks: vec![] }) };
         let report = self.thaw_blocking(state.filesystems.clone()).await;
+        let engaged = Engaged { apps: state.apps.clone(), hooks: state.hooks.clone() };
+        let hook_runs = self.release(&engaged, state.generation, ThawReason::Completed).await;
         self.lock().life.thaw_done()?;
         self.marker.remove();
         info!(thawed = report.thawed.len(), frozen_ms = state.since.elapsed().as_millis() as u64, "thawed");
@@ -364,7 +495,7 @@ impl Agent {
             let msg: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.mountpoint, e.error)).collect();
             return Err(AgentError::ThawErrors(msg.join("; ")));
         }
-        Ok(ThawResult { thawed: report.thawed.len(), errors })
+        Ok(ThawResult { thawed: report.thawed.len(), errors, apps: state.apps.len(), hooks: hook_runs })
     }
 
     async fn thaw_blocking(&self, fs: Vec<FrozenFs>) -> engine::ThawReport {
@@ -400,6 +531,8 @@ impl Agent {
         };
         let frozen_for = state.since.elapsed();
         let report = self.thaw_blocking(state.filesystems.clone()).await;
+        let engaged = Engaged { apps: state.apps.clone(), hooks: state.hooks.clone() };
+        self.release(&engaged, state.generation, ThawReason::Timeout).await;
         let rec = self.auto_thaw_record(reason, frozen_for, &report);
         let why = match reason {
             AutoThawReason::Deadline => format!("the freeze deadline passed after {} ms", frozen_for.as_millis()),
@@ -474,8 +607,23 @@ impl Agent {
         if let Some(a) = &inner.last_auto_thaw {
             v["last-auto-thaw"] = serde_json::to_value(a).unwrap_or_default();
         }
+        if let Some(apps) = &self.apps {
+            v["apps"] = apps.list().into();
+        }
         v
     }
+}
+
+fn describe_app(r: &AppReport, phase: &str) -> String {
+    let what = match r.outcome {
+        Answer::Vetoed => "vetoed",
+        Answer::Failed => "failed to flush",
+        Answer::Timeout => "did not answer in time",
+        Answer::Disconnected => "disconnected",
+        Answer::Ready | Answer::Held => "answered",
+    };
+    let reason = r.reason.as_deref().map(|x| format!(": {x}")).unwrap_or_default();
+    format!("`{}` (id {}, uid {}) {what} at {phase}{reason}", r.name, r.app_id, r.uid)
 }
 
 fn thaw_errors(r: &engine::ThawReport) -> Vec<ThawError> {

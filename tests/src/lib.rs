@@ -245,6 +245,16 @@ impl Sandbox {
         self.root.join("state")
     }
 
+    /// The hooks directory vssd runs hooks from (empty unless a test adds hooks).
+    pub fn hooks_dir(&self) -> PathBuf {
+        self.root().join("hooks")
+    }
+
+    /// The app socket (appvss) of a vssd started for this sandbox.
+    pub fn app_socket(&self) -> PathBuf {
+        self.state_dir().join("appvss.sock")
+    }
+
     /// vssd's control socket in the state dir.
     pub fn control_socket(&self) -> PathBuf {
         self.state_dir().join("vssd.sock")
@@ -1002,6 +1012,10 @@ impl<'a> VssdBuilder<'a> {
             self.grace_s.to_string().into(),
             "--state-dir".into(),
             sb.state_dir().into(),
+            // The sandbox's own hooks only (none unless a test puts some there), never the
+            // machine's /etc/vssd/hooks.d or /etc/qemu/fsfreeze-hook.d.
+            "--hooks-dir".into(),
+            sb.hooks_dir().into(),
             "-v".into(),
         ];
         args.extend(self.extra);

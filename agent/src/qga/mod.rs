@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::config::AppFailurePolicy;
 use crate::plan::CannotFreezePolicy;
 use crate::service::{Agent, AgentError, FreezeRequest};
 use stream::Event;
@@ -200,6 +201,7 @@ impl Session {
                 let deadline = a.optional("deadline", Value::as_f64, "number")?;
                 let policy = a.optional("cannot-freeze", |v| v.as_str()?.parse::<CannotFreezePolicy>().ok(), "'skip' or 'veto'")?;
                 let bind = a.optional("bind-to-channel", Value::as_bool, "bool")?.unwrap_or(true);
+                let app_failure = a.optional("app-failure", |v| v.as_str()?.parse::<AppFailurePolicy>().ok(), "'continue' or 'fail'")?;
                 a.done()?;
                 let deadline = match deadline {
                     Some(d) if !(d > 0.0 && d <= 86_400.0) => {
@@ -212,6 +214,7 @@ impl Session {
                     deadline,
                     cannot_freeze: policy,
                     owner: bind.then_some(self.channel),
+                    app_failure,
                 };
                 serde_json::to_value(self.agent.freeze(req).await?).expect("report serialises")
             }
