@@ -9,7 +9,7 @@
 //! Nothing here writes to a filesystem that may be frozen: the marker lives in the state
 //! directory, which the planner never freezes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kmod_shim::topology::Topology;
 use serde::Serialize;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::apps::{Answer, AppReport, Apps};
 use crate::config::{AppFailurePolicy, Config};
@@ -371,6 +371,7 @@ impl Agent {
         let mut app_reports = Vec::new();
         if let Some(apps) = self.apps.as_ref().filter(|a| a.count() > 0) {
             let prep = apps.prepare(freeze_id, self.cfg.app_prepare_deadline()).await;
+            debug!(apps = prep.len(), at_ms = ms(t0.elapsed()), "PREPARE answered");
             engaged.apps = prep.iter().filter(|r| r.outcome != Answer::Disconnected).map(|r| r.app_id).collect();
             let ready: Vec<u64> = prep.iter().filter(|r| r.outcome == Answer::Ready).map(|r| r.app_id).collect();
             if app_policy == AppFailurePolicy::Fail {
@@ -380,13 +381,15 @@ impl Agent {
             }
             let max_hold = deadline.saturating_duration_since(Instant::now());
             let held = apps.freeze(&ready, freeze_id, self.cfg.app_freeze_deadline(), max_hold).await;
+            debug!(apps = held.len(), at_ms = ms(t0.elapsed()), "FREEZE answered");
             if app_policy == AppFailurePolicy::Fail {
                 if let Some(bad) = held.iter().find(|r| r.outcome != Answer::Held) {
                     return Err(AgentError::AppFailed(describe_app(bad, "FREEZE")));
                 }
             }
+            let held: HashMap<u64, AppReport> = held.into_iter().map(|h| (h.app_id, h)).collect();
             for mut r in prep {
-                if let Some(h) = held.iter().find(|h| h.app_id == r.app_id) {
+                if let Some(h) = held.get(&r.app_id) {
                     r.outcome = h.outcome;
                     r.reason = h.reason.clone();
                     r.freeze_ms = h.freeze_ms;
@@ -429,6 +432,7 @@ impl Agent {
         .await
         .map_err(|e| AgentError::Internal(format!("freeze task failed: {e}")))??;
 
+        debug!(at_ms = ms(t0.elapsed()), "filesystems frozen");
         let mounts = plan
             .mounts
             .iter()
