@@ -208,7 +208,19 @@ fn main() -> ExitCode {
     rt.block_on(run(cfg))
 }
 
+/// Each registered app is a connection: lift the soft descriptor limit to the hard one so a
+/// thousand apps fit (systemd's default soft limit is 1024).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 async fn run(cfg: Config) -> ExitCode {
+    raise_fd_limit();
     if let Err(e) = std::fs::create_dir_all(&cfg.state_dir) {
         error!("cannot create state directory {}: {e}", cfg.state_dir.display());
         return ExitCode::from(1);
