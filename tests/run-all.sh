@@ -15,9 +15,10 @@ echo "== unit tests and root tier"
 # outside (a qemu-ga elsewhere on the machine thaws every filesystem it sees) reaches them.
 unshare -m --propagation private cargo test --workspace --locked
 
-echo "== benchmark (short run; the full one is: cargo run --release -p tests --bin freeze-bench)"
+echo "== benchmarks (short runs; the full ones: ./target/release/freeze-bench, ./target/release/app-bench)"
 cargo build --release --locked -p vssd -p tests --bins
 unshare -m --propagation private ./target/release/freeze-bench --counts 1,16 --cycles 5
+unshare -m --propagation private ./target/release/app-bench --counts 1,100,1000 --cycles 3
 
 leftover=$(losetup -a | grep -c -e vssd -e /tmp/ || true)
 if [ "$leftover" -gt 0 ]; then
