@@ -369,7 +369,7 @@ fn bad_hellos_oversized_and_unknown_messages_get_clear_errors_and_vssd_keeps_ser
 
     let mut ok = RawApp::register(&sock, "first");
     let mut big = b"{\"type\":\"ready\",\"re\":1,\"x\":\"".to_vec();
-    big.extend(std::iter::repeat(b'a').take(100_000));
+    big.extend(std::iter::repeat_n(b'a', 100_000));
     big.extend(b"\"}\n");
     ok.send_raw(&big);
     let m = ok.expect("error");

@@ -397,7 +397,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut s = session(d.path());
         let mut big = b"{\"execute\":\"guest-ping\",\"arguments\":{\"x\":\"".to_vec();
-        big.extend(std::iter::repeat(b'a').take(2 << 20));
+        big.extend(std::iter::repeat_n(b'a', 2 << 20));
         big.extend(b"\"}}");
         let v = one(&mut s, &big).await;
         assert!(v["error"]["desc"].as_str().unwrap().contains("exceeds the limit"), "{v}");

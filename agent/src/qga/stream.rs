@@ -226,7 +226,7 @@ mod tests {
     fn a_message_over_the_limit_is_dropped_and_reported_once_it_ends() {
         let mut s = Splitter::new(16);
         let mut big = b"{\"a\":\"".to_vec();
-        big.extend(std::iter::repeat(b'x').take(100));
+        big.extend(std::iter::repeat_n(b'x', 100));
         big.extend(b"\"}{\"b\":1}");
         let r = s.feed(&big);
         assert_eq!(r[0], Event::TooLarge { len: 108 });
