@@ -436,11 +436,22 @@ fn bind(s: &AppSettings) -> io::Result<UnixListener> {
 }
 
 fn set_access(path: &Path, group: &str, mode: u32) -> io::Result<()> {
-    match nix::unistd::Group::from_name(group) {
-        Ok(Some(g)) => nix::unistd::chown(path, None, Some(g.gid)).map_err(io::Error::from)?,
-        _ => info!(group, "group not found: the app socket stays in root's group (create the group to let apps of its members in)"),
+    match local_gid(Path::new("/etc/group"), group) {
+        Some(gid) => nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(io::Error::from)?,
+        None => info!(group, "group not in /etc/group: the app socket stays in root's group (groupadd --system vssd to let its members' apps in)"),
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// The gid of a local group. Read from /etc/group directly rather than through NSS, which
+/// would load (and keep mapped for the agent's lifetime) NSS modules for one lookup.
+fn local_gid(group_file: &Path, name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(group_file).ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
 }
 
 /// Reads `\n`-terminated lines up to a limit; a longer line is skipped to its end and
@@ -493,6 +504,15 @@ impl LineReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_gid_reads_the_group_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("group");
+        std::fs::write(&f, "root:x:0:\nvssdx:x:7:\nvssd:x:998:alice,bob\n").unwrap();
+        assert_eq!(local_gid(&f, "vssd"), Some(998));
+        assert_eq!(local_gid(&f, "nobody"), None);
+    }
 
     #[tokio::test]
     async fn line_reader_splits_lines_and_skips_overlong_ones() {

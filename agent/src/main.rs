@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tracing::{error, info};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use vssd::apps::{AppSettings, Apps};
 use vssd::config::{AppFailurePolicy, ChannelSpec, Config, DEFAULT_PATH};
@@ -167,13 +169,18 @@ fn init_logging(verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // RUST_LOG takes `level` or `target=level,...` (no regular expressions: a smaller agent).
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| default.parse().expect("a level name parses"));
     // stderr only: journald picks it up; nothing is ever written to a freezable filesystem.
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
+        .finish()
+        .with(filter)
         .init();
 }
 
