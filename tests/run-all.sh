@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash tests/setup.sh
 
 echo "== build"
-cargo build --workspace --bins --locked
+cargo build --workspace --locked   # libraries too: the C test links libappvss.a
 
 echo "== unit tests and root tier"
 # A private mount namespace: the tests' mounts stay out of the host's view, and nothing
