@@ -340,7 +340,8 @@ impl Agent {
     }
 
     /// Plan → apps PREPARE and FREEZE → hooks → marker → FIFREEZE. Records in `engaged` what
-    /// must be released if a later step fails.
+    /// must be released if a later step fails. Without apps, the blocking steps run in one
+    /// go on one thread: every hop between threads is inside the freeze window.
     async fn freeze_steps(
         self: &Arc<Self>,
         req: &FreezeRequest,
@@ -349,89 +350,46 @@ impl Agent {
         engaged: &mut Engaged,
     ) -> Result<(Vec<FrozenFs>, FreezeReport), AgentError> {
         let t0 = Instant::now();
-        let me = self.clone();
-        let only = req.mountpoints.clone();
-        let plan = tokio::task::spawn_blocking(move || me.plan(only))
-            .await
-            .map_err(|e| AgentError::Internal(format!("plan task failed: {e}")))??;
-        let plan_elapsed = t0.elapsed();
-        let policy = req.cannot_freeze.unwrap_or(self.cfg.cannot_freeze);
-        if policy == CannotFreezePolicy::Veto {
-            let blocked: Vec<String> =
-                plan.cannot_freeze().map(|m| format!("{} ({})", m.mount_point.display(), m.fstype)).collect();
-            if !blocked.is_empty() {
-                return Err(AgentError::Vetoed(format!("cannot freeze {}", blocked.join(", "))));
-            }
-        }
-        for m in plan.cannot_freeze() {
-            warn!(mountpoint = %m.mount_point.display(), fstype = %m.fstype, "cannot be frozen; skipped (policy skip)");
-        }
         let app_policy = req.app_failure.unwrap_or(self.cfg.app_failure);
-
-        let mut app_reports = Vec::new();
-        if let Some(apps) = self.apps.as_ref().filter(|a| a.count() > 0) {
-            let prep = apps.prepare(freeze_id, self.cfg.app_prepare_deadline()).await;
-            debug!(apps = prep.len(), at_ms = ms(t0.elapsed()), "PREPARE answered");
-            engaged.apps = prep.iter().filter(|r| r.outcome != Answer::Disconnected).map(|r| r.app_id).collect();
-            let ready: Vec<u64> = prep.iter().filter(|r| r.outcome == Answer::Ready).map(|r| r.app_id).collect();
-            if app_policy == AppFailurePolicy::Fail {
-                if let Some(bad) = prep.iter().find(|r| r.outcome != Answer::Ready) {
-                    return Err(AgentError::AppFailed(describe_app(bad, "PREPARE")));
-                }
-            }
-            let max_hold = deadline.saturating_duration_since(Instant::now());
-            let held = apps.freeze(&ready, freeze_id, self.cfg.app_freeze_deadline(), max_hold).await;
-            debug!(apps = held.len(), at_ms = ms(t0.elapsed()), "FREEZE answered");
-            if app_policy == AppFailurePolicy::Fail {
-                if let Some(bad) = held.iter().find(|r| r.outcome != Answer::Held) {
-                    return Err(AgentError::AppFailed(describe_app(bad, "FREEZE")));
-                }
-            }
-            let held: HashMap<u64, AppReport> = held.into_iter().map(|h| (h.app_id, h)).collect();
-            for mut r in prep {
-                if let Some(h) = held.get(&r.app_id) {
-                    r.outcome = h.outcome;
-                    r.reason = h.reason.clone();
-                    r.freeze_ms = h.freeze_ms;
-                }
-                if r.outcome != Answer::Held {
-                    warn!(app = %r.name, app_id = r.app_id, outcome = ?r.outcome, reason = ?r.reason, "app does not hold this freeze");
-                }
-                app_reports.push(r);
-            }
-        }
-
+        let apps = self.apps.as_ref().filter(|a| a.count() > 0);
         let hook_list = hooks::discover(&self.cfg.hooks_dirs);
-        engaged.hooks = hook_list.clone();
-        let me = self.clone();
-        let (frozen, timings, hook_runs, plan) = tokio::task::spawn_blocking(move || {
-            let runs = hooks::run(&hook_list, "freeze", me.cfg.hook_deadline());
-            if app_policy == AppFailurePolicy::Fail {
-                if let Some(bad) = runs.iter().find(|r| r.outcome != HookOutcome::Ok) {
-                    return Err(AgentError::HookFailed(format!(
-                        "{} failed at freeze ({:?}, exit {:?}): {}",
-                        bad.path, bad.outcome, bad.exit_code, bad.output
-                    )));
-                }
-            }
-            let planned: Vec<FrozenFs> = plan
-                .levels
-                .iter()
-                .flatten()
-                .map(|&i| {
-                    let m = &plan.mounts[i];
-                    FrozenFs { mount_point: m.mount_point.clone(), fstype: m.fstype.clone(), dev: m.dev, level: m.level }
+        let mut app_reports = Vec::new();
+        let (plan_elapsed, step) = match apps {
+            None => {
+                let me = self.clone();
+                let req = req.clone();
+                let step_hooks = hook_list.clone();
+                let (planned, step) = tokio::task::spawn_blocking(move || match me.checked_plan(&req) {
+                    Err(e) => (None, Err(e)),
+                    Ok(plan) => (Some(t0.elapsed()), me.fs_step(plan, &step_hooks, app_policy)),
                 })
-                .collect();
-            me.marker
-                .write(&planned, &hook_list)
-                .map_err(|source| AgentError::Marker { dir: me.cfg.state_dir.clone(), source })?;
-            let (frozen, timings) = engine::freeze(&me.kernel, &plan)?;
-            Ok((frozen, timings, runs, plan))
-        })
-        .await
-        .map_err(|e| AgentError::Internal(format!("freeze task failed: {e}")))??;
-
+                .await
+                .map_err(|e| AgentError::Internal(format!("freeze task failed: {e}")))?;
+                let Some(plan_elapsed) = planned else {
+                    // Planning failed: no hook ran, nothing to release.
+                    return Err(step.err().unwrap_or_else(|| AgentError::Internal("plan failed without an error".into())));
+                };
+                engaged.hooks = hook_list;
+                (plan_elapsed, step?)
+            }
+            Some(apps) => {
+                let me = self.clone();
+                let req2 = req.clone();
+                let plan = tokio::task::spawn_blocking(move || me.checked_plan(&req2))
+                    .await
+                    .map_err(|e| AgentError::Internal(format!("plan task failed: {e}")))??;
+                let plan_elapsed = t0.elapsed();
+                app_reports = self.apps_hold(apps, freeze_id, deadline, app_policy, engaged).await?;
+                debug!(apps = app_reports.len(), at_ms = ms(t0.elapsed()), "apps answered");
+                engaged.hooks = hook_list.clone();
+                let me = self.clone();
+                let step = tokio::task::spawn_blocking(move || me.fs_step(plan, &hook_list, app_policy))
+                    .await
+                    .map_err(|e| AgentError::Internal(format!("freeze task failed: {e}")))??;
+                (plan_elapsed, step)
+            }
+        };
+        let (frozen, timings, hook_runs, plan) = step;
         debug!(at_ms = ms(t0.elapsed()), "filesystems frozen");
         let mounts = plan
             .mounts
@@ -455,6 +413,96 @@ impl Agent {
             hooks: hook_runs,
         };
         Ok((frozen, report))
+    }
+
+    /// The plan, with the cannot-freeze policy applied (blocking: mountinfo and sysfs).
+    fn checked_plan(&self, req: &FreezeRequest) -> Result<Plan, AgentError> {
+        let plan = self.plan(req.mountpoints.clone())?;
+        let policy = req.cannot_freeze.unwrap_or(self.cfg.cannot_freeze);
+        if policy == CannotFreezePolicy::Veto {
+            let blocked: Vec<String> =
+                plan.cannot_freeze().map(|m| format!("{} ({})", m.mount_point.display(), m.fstype)).collect();
+            if !blocked.is_empty() {
+                return Err(AgentError::Vetoed(format!("cannot freeze {}", blocked.join(", "))));
+            }
+        }
+        for m in plan.cannot_freeze() {
+            warn!(mountpoint = %m.mount_point.display(), fstype = %m.fstype, "cannot be frozen; skipped (policy skip)");
+        }
+        Ok(plan)
+    }
+
+    /// PREPARE then FREEZE to every registered app; the merged report per app.
+    async fn apps_hold(
+        &self,
+        apps: &Apps,
+        freeze_id: u64,
+        deadline: Instant,
+        app_policy: AppFailurePolicy,
+        engaged: &mut Engaged,
+    ) -> Result<Vec<AppReport>, AgentError> {
+        let prep = apps.prepare(freeze_id, self.cfg.app_prepare_deadline()).await;
+        engaged.apps = prep.iter().filter(|r| r.outcome != Answer::Disconnected).map(|r| r.app_id).collect();
+        let ready: Vec<u64> = prep.iter().filter(|r| r.outcome == Answer::Ready).map(|r| r.app_id).collect();
+        if app_policy == AppFailurePolicy::Fail {
+            if let Some(bad) = prep.iter().find(|r| r.outcome != Answer::Ready) {
+                return Err(AgentError::AppFailed(describe_app(bad, "PREPARE")));
+            }
+        }
+        let max_hold = deadline.saturating_duration_since(Instant::now());
+        let held = apps.freeze(&ready, freeze_id, self.cfg.app_freeze_deadline(), max_hold).await;
+        if app_policy == AppFailurePolicy::Fail {
+            if let Some(bad) = held.iter().find(|r| r.outcome != Answer::Held) {
+                return Err(AgentError::AppFailed(describe_app(bad, "FREEZE")));
+            }
+        }
+        let held: HashMap<u64, AppReport> = held.into_iter().map(|h| (h.app_id, h)).collect();
+        let mut out = Vec::with_capacity(prep.len());
+        for mut r in prep {
+            if let Some(h) = held.get(&r.app_id) {
+                r.outcome = h.outcome;
+                r.reason = h.reason.clone();
+                r.freeze_ms = h.freeze_ms;
+            }
+            if r.outcome != Answer::Held {
+                warn!(app = %r.name, app_id = r.app_id, outcome = ?r.outcome, reason = ?r.reason, "app does not hold this freeze");
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Freeze hooks, marker, FIFREEZE (blocking).
+    #[allow(clippy::type_complexity)]
+    fn fs_step(
+        &self,
+        plan: Plan,
+        hook_list: &[PathBuf],
+        app_policy: AppFailurePolicy,
+    ) -> Result<(Vec<FrozenFs>, Vec<engine::FreezeTiming>, Vec<HookRun>, Plan), AgentError> {
+        let runs = hooks::run(hook_list, "freeze", self.cfg.hook_deadline());
+        if app_policy == AppFailurePolicy::Fail {
+            if let Some(bad) = runs.iter().find(|r| r.outcome != HookOutcome::Ok) {
+                return Err(AgentError::HookFailed(format!(
+                    "{} failed at freeze ({:?}, exit {:?}): {}",
+                    bad.path, bad.outcome, bad.exit_code, bad.output
+                )));
+            }
+        }
+        let planned: Vec<FrozenFs> = plan
+            .levels
+            .iter()
+            .flatten()
+            .map(|&i| {
+                let m = &plan.mounts[i];
+                FrozenFs { mount_point: m.mount_point.clone(), fstype: m.fstype.clone(), dev: m.dev, level: m.level }
+            })
+            .collect();
+        self.marker
+            .write(&planned, hook_list)
+            .map_err(|source| AgentError::Marker { dir: self.cfg.state_dir.clone(), source })?;
+        let (frozen, timings) = engine::freeze(&self.kernel, &plan)?;
+        Ok((frozen, timings, runs, plan))
     }
 
     /// Releases apps (THAW, never awaited) and runs the thaw hooks, after the filesystems
