@@ -10,6 +10,9 @@ pkgs=(
   fuse3 fuse2fs                    # a local writable filesystem that cannot freeze (FUSE)
   util-linux kmod                  # losetup, mount, fsfreeze, unshare; modprobe
   qemu-guest-agent                 # the peer we compare with (run only scoped, never as a service)
+  qemu-system-x86 qemu-utils       # the VM tier and vmctl: a real guest under QEMU (TCG here)
+  busybox-static cpio fdisk        # the guest image: busybox initramfs, partitioned data disk
+  dosfstools sqlite3               # vfat in the guest (cannot-freeze), SQLite checks of backups
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::{json, Value};
 
+pub mod vm;
+
 /// True when the tests run as root (the only way to make loop filesystems and freeze them).
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()

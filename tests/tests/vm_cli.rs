@@ -1,0 +1,70 @@
+//! vmctl's command line without a VM (no root, no QEMU): errors name the fix, exit codes are
+//! the documented ones, `--json` is JSON on every path.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tests::*;
+
+fn vmctl(state: &std::path::Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("vmctl"));
+    cmd.env("VMCTL_STATE_DIR", state).args(args);
+    run_with_limit(cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn unknown_vms_and_missing_qemu_get_exit_3_and_the_fix() {
+    let d = tempfile::tempdir().unwrap();
+    let out = vmctl(d.path(), &["status", "web1"]);
+    assert_eq!(out.code, Some(3), "{}", out.stderr);
+    assert!(out.stderr.contains("vmctl list"), "{}", out.stderr);
+    let out = vmctl(d.path(), &["--qmp", "/nonexistent/qmp.sock", "backup", "--target", "/tmp/x", "--json"]);
+    assert_eq!(out.code, Some(3), "{}", out.stderr);
+    let v: Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["ok"], false);
+    assert!(v["error"].as_str().unwrap().contains("is the VM running"), "{v}");
+}
+
+#[test]
+fn attach_mode_needs_a_target_and_names_need_no_slashes() {
+    let d = tempfile::tempdir().unwrap();
+    let out = vmctl(d.path(), &["--qmp", "/nonexistent/qmp.sock", "backup", "vm1"]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("--target"), "{}", out.stderr);
+    let out = vmctl(d.path(), &["create", "../evil"]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("bad VM name"), "{}", out.stderr);
+}
+
+#[test]
+fn create_writes_a_config_that_list_and_status_read() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("data.qcow2");
+    std::fs::write(&disk, b"").unwrap();
+    let out = vmctl(d.path(), &["create", "web1", "--disk", &format!("data={}", disk.display()), "--memory", "256", "--json"]);
+    out.expect_code(0, "create");
+    let cfg = std::fs::read_to_string(d.path().join("web1/vm.toml")).unwrap();
+    assert!(cfg.contains("memory-mib = 256"), "{cfg}");
+    assert!(cfg.contains("name = \"data\""), "{cfg}");
+    let out = vmctl(d.path(), &["list", "--json"]);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["vms"][0]["name"], "web1");
+    assert_eq!(v["vms"][0]["state"], "stopped");
+    let out = vmctl(d.path(), &["create", "web1", "--disk", disk.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("exists already"), "{}", out.stderr);
+}
+
+#[test]
+fn backup_list_of_an_empty_or_partial_target_lists_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join(".partial-web1-x")).unwrap();
+    let out = vmctl(d.path(), &["backup", "list", "--target", d.path().to_str().unwrap(), "--json"]);
+    out.expect_code(0, "backup list");
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["backups"], json!([]));
+    assert_eq!(v["incomplete"].as_array().unwrap().len(), 1);
+    let out = vmctl(d.path(), &["backup", "verify", d.path().to_str().unwrap()]);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("not a usable backup"), "{}", out.stderr);
+}
