@@ -10,12 +10,16 @@
 //! checkpoint's immutable disk state → `migrate` to `exec:vmctl __sink`, which hashes the
 //! stream as it writes it → `cont` as soon as QEMU has handed over the last byte → fsync of
 //! the state file, the images' checksums, the manifest → rename of `.tmp-NAME-PID` to `NAME`.
+//! With `live`, the guest runs while its RAM is streamed; QEMU stops it for the last pass and
+//! waits (`pause-before-switchover`), the overlays are taken there, and the downtime is that
+//! last pass instead of the whole stream.
 //!
 //! Restore: the manifest's versions, every file's presence and size, the QEMU version → a new
 //! overlay on each checkpoint image (so restoring one checkpoint disturbs no other) → QEMU
 //! with `-incoming defer -S` → `migrate-incoming` from `exec:vmctl __source`, which hashes
 //! while it feeds and withholds the stream's last chunk unless the whole file matched → `cont`
-//! only when the stream completed and every checksum matched.
+//! only when the stream completed and every checksum (the disk images' too, computed
+//! alongside) matched. Overlays nothing references any more are removed.
 //!
 //! Invariants:
 //! - A directory without the `.tmp-` prefix is renamed into place only after its files and the
@@ -23,6 +27,9 @@
 //! - No image in the live chain (vm.toml's disks and their backing files) or in any
 //!   checkpoint's chain is ever deleted; unreferenced overlays are removed only when both sets
 //!   are known, and only under `VMDIR/overlays/`, never a disk the user brought.
+//! - A checkpoint's images never change: QEMU reopens an image read-only once an overlay is
+//!   on it (so their checksums, taken after the stream, stay true), and vmctl writes only to
+//!   overlays it made after them.
 //! - One checkpoint operation at a time per VM (`checkpoints/.lock`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -340,6 +347,9 @@ pub struct Manifest {
     /// [`FORMAT_VERSION`].
     pub version: u32,
     /// The version of each section: `vm` (config, run-state, quiesce), `qemu`, `disks`, `state`.
+    /// A writer bumps a section's version whenever a restore must understand what changed in
+    /// it (a new VmConfig field that changes the machine bumps `vm`); a reader refuses any
+    /// section newer than it knows, and any other `version`.
     pub sections: BTreeMap<String, u32>,
     /// The checkpoint's name (also its directory's).
     pub name: String,
@@ -925,18 +935,20 @@ fn qmp_gone(stage: &str) -> impl FnOnce(QmpError) -> CheckpointError + '_ {
     }
 }
 
-/// Waits for the end of a migration (either side): the MIGRATION event, with a query now and
-/// then in case it was missed. Returns `query-migrate`'s answer at the end.
-fn wait_migration(qmp: &mut Qmp, limit: Duration, stage: &str) -> Result<Value, CheckpointError> {
+/// Waits until a migration (either side) reaches `target` ("completed", or "pre-switchover"
+/// with that capability) or fails: the MIGRATION event, with a query now and then in case it
+/// was missed. Returns `query-migrate`'s answer.
+fn wait_migration(qmp: &mut Qmp, limit: Duration, stage: &str, target: &str) -> Result<Value, CheckpointError> {
     let deadline = Instant::now() + limit;
     loop {
         let ended = |e: &crate::qmp::Event| {
-            e.name == "MIGRATION" && matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled"))
+            e.name == "MIGRATION"
+                && e.data["status"].as_str().is_some_and(|st| st == target || matches!(st, "completed" | "failed" | "cancelled"))
         };
         let ev = qmp.wait_event(Duration::from_millis(250), ended).map_err(qmp_gone(stage))?;
         let r = qmp.execute("query-migrate", None).map_err(qmp_gone(stage))?;
         match r["status"].as_str() {
-            Some("completed") => return Ok(r),
+            Some(st) if st == target => return Ok(r),
             Some(s @ ("failed" | "cancelled")) => {
                 let why = r["error-desc"].as_str().unwrap_or("QEMU gave no reason");
                 return Err(CheckpointError::Migration(format!("the migration {s} {stage}: {why}")));
@@ -973,6 +985,61 @@ fn enable_migration_events(qmp: &mut Qmp) -> Result<(), CheckpointError> {
     Ok(())
 }
 
+/// `pause-before-switchover`: QEMU stops the VM for the last pass and waits for
+/// `migrate-continue`, disks still active; the overlays are taken there. Always set
+/// explicitly (on or off): a QEMU left with it on would hang the next plain save.
+fn set_pause_before_switchover(qmp: &mut Qmp, on: bool) -> Result<(), QmpError> {
+    qmp.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "pause-before-switchover", "state": on}]})))
+        .map(|_| ())
+}
+
+/// Backups' persistent dirty bitmaps stay with the image they were made on, which is now read
+/// only; a copy on each new overlay (what was dirty, merged in) keeps incremental backups
+/// going. Best effort: without it the next backup has to be a full one, which it says.
+fn carry_bitmaps(qmp: &mut Qmp, disks: &[LiveDisk], plan: &[(PathBuf, String)]) {
+    for (d, (_, node)) in disks.iter().zip(plan) {
+        for (name, granularity) in &d.bitmaps {
+            let added = qmp.execute(
+                "block-dirty-bitmap-add",
+                Some(json!({"node": node, "name": name, "granularity": granularity, "persistent": true})),
+            );
+            if added.is_ok() {
+                let _ = qmp.execute(
+                    "block-dirty-bitmap-merge",
+                    Some(json!({"node": node, "target": name, "bitmaps": [{"node": d.node, "name": name}]})),
+                );
+            }
+        }
+    }
+}
+
+/// One transaction: every disk's overlay, or none. Then vm.toml names the overlays, since
+/// the VM writes to them from now on. Returns the transaction's milliseconds.
+fn take_overlays(qmp: &mut Qmp, vm: &Vm, disks: &[LiveDisk], plan: &[(PathBuf, String)]) -> Result<f64, CheckpointError> {
+    let t = Instant::now();
+    let actions: Vec<Value> = disks
+        .iter()
+        .zip(plan)
+        .map(|(d, (file, node))| {
+            json!({"type": "blockdev-snapshot-sync", "data": {
+                "node-name": d.node, "snapshot-file": file, "snapshot-node-name": node,
+                "format": "qcow2", "mode": "absolute-paths"}})
+        })
+        .collect();
+    if !actions.is_empty() {
+        qmp.execute("transaction", Some(json!({"actions": actions}))).map_err(qmp_gone("during the overlays' transaction"))?;
+    }
+    carry_bitmaps(qmp, disks, plan);
+    let ms = util::ms(t.elapsed());
+    let mut c = vm.config.clone();
+    for (d, (file, _)) in c.disks.iter_mut().zip(plan) {
+        d.path = file.strip_prefix(&vm.dir).map(Path::to_path_buf).unwrap_or_else(|_| file.clone());
+        d.format = "qcow2".into();
+    }
+    write_config(vm, &c)?;
+    Ok(ms)
+}
+
 /// A disk of the running VM, mapped to its config entry.
 #[derive(Debug, Clone)]
 struct LiveDisk {
@@ -981,6 +1048,8 @@ struct LiveDisk {
     virtual_size: u64,
     /// Top first.
     chain: Vec<(PathBuf, String)>,
+    /// Persistent dirty bitmaps of the top node (backups' incrementals): (name, granularity).
+    bitmaps: Vec<(String, u64)>,
 }
 
 /// The VM's disks as QEMU has them, each matched to its config entry by the device id
@@ -1006,11 +1075,20 @@ fn live_disks(qmp: &mut Qmp, vm: &Vm) -> Result<Vec<LiveDisk>, CheckpointError> 
             chain.push((PathBuf::from(img["filename"].as_str().unwrap_or("")), img["format"].as_str().unwrap_or("raw").to_string()));
             img = &img["backing-image"];
         }
+        let bitmaps = ins["dirty-bitmaps"]
+            .as_array()
+            .or(b["dirty-bitmaps"].as_array())
+            .into_iter()
+            .flatten()
+            .filter(|bm| bm["persistent"].as_bool() == Some(true) && bm["inconsistent"].as_bool() != Some(true))
+            .filter_map(|bm| Some((bm["name"].as_str()?.to_string(), bm["granularity"].as_u64().unwrap_or(65536))))
+            .collect();
         out.push(LiveDisk {
             name: d.name.clone(),
             node: ins["node-name"].as_str().unwrap_or("").to_string(),
             virtual_size: ins["image"]["virtual-size"].as_u64().unwrap_or(0),
             chain,
+            bitmaps,
         });
     }
     for b in &blocks {
@@ -1082,6 +1160,9 @@ pub struct CreateRequest {
     /// Limit the stream to this many bytes per second (None: no limit, not even QEMU's
     /// default 128 MiB/s).
     pub bandwidth: Option<u64>,
+    /// Save RAM while the guest runs; QEMU stops it only for the last pass, when the overlays
+    /// are taken (`pause-before-switchover`). The downtime is that last pass, not the stream.
+    pub live: bool,
 }
 
 impl Default for CreateRequest {
@@ -1094,6 +1175,7 @@ impl Default for CreateRequest {
             freeze_deadline: Duration::from_secs(120),
             agent_timeout: Duration::from_secs(5),
             bandwidth: None,
+            live: false,
         }
     }
 }
@@ -1138,6 +1220,11 @@ pub fn create(vm: &Vm, req: &CreateRequest) -> Result<Created, CheckpointError> 
     let (mut manifest, thaw_error) = match r {
         Ok(x) => x,
         Err(e) => {
+            if tmp.join(STATE_FILE).exists() {
+                // The sink, QEMU's child, outlives a killed QEMU by a moment and then leaves its
+                // report here: let it, or it would recreate the directory's last entry.
+                let _ = wait_report(&tmp.join(SINK_REPORT), Duration::from_secs(5));
+            }
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
@@ -1256,6 +1343,8 @@ fn create_in(
         disks.iter().map(|d| (ovdir.join(format!("{}-{stamp}-after-{name}.qcow2", d.name)), node_name(&d.name, stamp_n))).collect();
     let old_params = qmp.execute("query-migrate-parameters", None)?;
     enable_migration_events(&mut qmp)?;
+    let live = req.live && running;
+    set_pause_before_switchover(&mut qmp, live)?;
     let _ = qmp.take_events();
 
     let mut timings = Timings::default();
@@ -1263,36 +1352,17 @@ fn create_in(
     let (mut frozen, quiesce) = freeze(vm, req, running)?;
     timings.freeze_ms = util::ms(t_freeze.elapsed());
 
-    let t_stop = Instant::now();
     let created = util::timestamps(SystemTime::now()).0;
     let state_path = tmp.join(STATE_FILE);
     let report_path = tmp.join(SINK_REPORT);
+    let mut t_stop = Instant::now();
     let stopped = (|| -> Result<Value, CheckpointError> {
-        if running {
+        if running && !live {
             qmp.execute("stop", None).map_err(qmp_gone("when told to stop"))?;
         }
-        // One transaction: every disk's overlay, or none.
-        let t_snap = Instant::now();
-        let actions: Vec<Value> = disks
-            .iter()
-            .zip(&plan)
-            .map(|(d, (file, node))| {
-                json!({"type": "blockdev-snapshot-sync", "data": {
-                    "node-name": d.node, "snapshot-file": file, "snapshot-node-name": node,
-                    "format": "qcow2", "mode": "absolute-paths"}})
-            })
-            .collect();
-        if !actions.is_empty() {
-            qmp.execute("transaction", Some(json!({"actions": actions}))).map_err(qmp_gone("during the overlays' transaction"))?;
+        if !live {
+            timings.snapshot_ms = take_overlays(&mut qmp, vm, &disks, &plan)?;
         }
-        timings.snapshot_ms = util::ms(t_snap.elapsed());
-        // The VM writes to the overlays from now on: a later start must open them.
-        let mut c = vm.config.clone();
-        for (d, (file, _)) in c.disks.iter_mut().zip(&plan) {
-            d.path = file.strip_prefix(&vm.dir).map(Path::to_path_buf).unwrap_or_else(|_| file.clone());
-            d.format = "qcow2".into();
-        }
-        write_config(vm, &c)?;
         let bw = req.bandwidth.unwrap_or(NO_LIMIT).max(1);
         qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": bw})))?;
         let t_stream = Instant::now();
@@ -1302,13 +1372,24 @@ fn create_in(
             Some(b) => Duration::from_secs(120 + (vm.config.memory_mib << 20) / b.max(1) * 3),
             None => Duration::from_secs(600),
         };
-        let r = wait_migration(&mut qmp, limit, "while saving the VM's state")?;
+        let stage = "while saving the VM's state";
+        if live {
+            // QEMU stopped the VM for the last pass: RAM and disks are frozen at this instant.
+            wait_migration(&mut qmp, limit, stage, "pre-switchover")?;
+            t_stop = Instant::now();
+            timings.snapshot_ms = take_overlays(&mut qmp, vm, &disks, &plan)?;
+            qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"}))).map_err(qmp_gone(stage))?;
+        }
+        let r = wait_migration(&mut qmp, limit, stage, "completed")?;
         timings.stream_ms = util::ms(t_stream.elapsed());
         Ok(r)
     })();
     let restore_params = |qmp: &mut Qmp| {
         if let Some(b) = old_params["max-bandwidth"].as_u64() {
             let _ = qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": b})));
+        }
+        if live {
+            let _ = set_pause_before_switchover(qmp, false);
         }
     };
     let migrated = match stopped {
@@ -1341,6 +1422,11 @@ fn create_in(
     drop(frozen);
     drop(qmp);
     timings.qemu_downtime_ms = migrated["downtime"].as_f64().unwrap_or(0.0);
+    if live {
+        // Our clock starts when the pre-switchover event arrives, a moment after QEMU stopped
+        // the CPUs; QEMU's own figure starts at the stop but ends before our `cont`.
+        timings.downtime_ms = timings.downtime_ms.max(timings.qemu_downtime_ms);
+    }
     let ram_bytes = migrated["ram"]["total"].as_u64().unwrap_or(0);
 
     // The sink has exited (QEMU waited for it); its report says what it wrote.
@@ -1667,7 +1753,7 @@ pub fn restore(vm: &Vm, req: &RestoreRequest) -> Result<Restored, CheckpointErro
         enable_migration_events(&mut qmp)?;
         qmp.execute("migrate-incoming", Some(json!({"uri": source_uri(&exe, &state_path, &expect, &report_path)})))
             .map_err(qmp_gone("when told to load the state"))?;
-        wait_migration(&mut qmp, Duration::from_secs(600), "while loading the state").map(|_| ())
+        wait_migration(&mut qmp, Duration::from_secs(600), "while loading the state", "completed").map(|_| ())
     })();
     timings.stream_ms = util::ms(t_stream.elapsed());
     // The source's verdict comes first: a corrupt file is the cause of any failure it meets.

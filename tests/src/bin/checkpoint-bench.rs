@@ -152,6 +152,9 @@ struct Series {
     ck_restore_stream: Vec<f64>,
     ck_restore_total: Vec<f64>,
     ck_restore_wall: Vec<f64>,
+    live_downtime: Vec<f64>,
+    live_stream: Vec<f64>,
+    live_bytes: Vec<f64>,
 }
 
 fn main() {
@@ -208,15 +211,36 @@ fn main() {
             "[bench] round {round} save: cat stream {cs:.3} s, vmctl stream {:.3} s (total {:.3} s)",
             s.ck_save_stream[round], s.ck_save_total[round]
         );
+        // The live variant, for its downtime.
+        let live_name = format!("live{round}");
+        let lv = vm.vmctl_json(&["checkpoint", "create", &vm.name, "--name", &live_name, "--live"], 0);
+        s.live_downtime.push(lv["timings"]["downtime-ms"].as_f64().unwrap() / 1000.0);
+        s.live_stream.push(lv["timings"]["stream-ms"].as_f64().unwrap() / 1000.0);
+        s.live_bytes.push(lv["state-bytes"].as_f64().unwrap());
+        vm.vmctl_json(&["checkpoint", "delete", &vm.name, &live_name], 0);
 
-        // Restore: QEMU's own from the cat file, then vmctl's from the checkpoint.
+        // Restore: QEMU's own from the cat file and vmctl's from the checkpoint, alternating
+        // which goes first (each starts right after a 2 GiB QEMU was killed). The VM must run
+        // again at the end: vmctl's restore, untimed, when it went first.
         let manifest: Value =
             serde_json::from_slice(&std::fs::read(vm.dir().join("checkpoints").join(&ck_name).join("manifest.json")).unwrap()).unwrap();
+        let machine = manifest["qemu"]["machine"].as_str().unwrap().to_string();
         vm.kill_qemu();
-        let (rl, rs) = qemu_restore(&vm, manifest["qemu"]["machine"].as_str().unwrap(), &cat_file);
-        let t = Instant::now();
-        let r = vm.vmctl_json(&["start", &vm.name, "--checkpoint", &ck_name], 0);
-        let wall = t.elapsed().as_secs_f64();
+        let ck_restore = || {
+            let t = Instant::now();
+            let r = vm.vmctl_json(&["start", &vm.name, "--checkpoint", &ck_name], 0);
+            (r, t.elapsed().as_secs_f64())
+        };
+        let ((rl, rs), (r, wall)) = if round % 2 == 0 {
+            let c = qemu_restore(&vm, &machine, &cat_file);
+            (c, ck_restore())
+        } else {
+            let k = ck_restore();
+            vm.kill_qemu();
+            let c = qemu_restore(&vm, &machine, &cat_file);
+            ck_restore();
+            (c, k)
+        };
         s.cat_restore_launch.push(rl);
         s.cat_restore_stream.push(rs);
         s.ck_restore_stream.push(r["timings"]["stream-ms"].as_f64().unwrap() / 1000.0);
@@ -245,7 +269,8 @@ fn main() {
         "vmctl": {"stream-bytes": m(&s.ck_bytes), "save-stream-s": m(&s.ck_save_stream), "save-downtime-s": m(&s.ck_save_downtime),
                   "qemu-downtime-s": m(&s.qemu_downtime), "save-sync-s": m(&s.ck_save_sync), "save-total-s": m(&s.ck_save_total),
                   "save-wall-s": m(&s.ck_save_wall), "restore-stream-s": m(&s.ck_restore_stream), "restore-total-s": m(&s.ck_restore_total),
-                  "restore-wall-s": m(&s.ck_restore_wall)},
+                  "restore-wall-s": m(&s.ck_restore_wall), "live-downtime-s": m(&s.live_downtime),
+                  "live-stream-s": m(&s.live_stream), "live-stream-bytes": m(&s.live_bytes)},
         "ratios": {"save-stream": save_ratio, "save-total-vs-cat-stream": save_total_ratio, "save-total-vs-cat-stream+fsync": save_durable_ratio,
                    "restore-stream": restore_ratio, "restore-total-vs-cat-launch+stream": restore_total_ratio},
     });
@@ -267,6 +292,12 @@ fn main() {
         "  vmctl checkpoint create                     {:8.3} s   (QEMU's own final-phase figure {:.3} s)",
         m(&s.ck_save_downtime),
         m(&s.qemu_downtime)
+    );
+    println!(
+        "  vmctl checkpoint create --live              {:8.3} s   (stream {:.3} s, {:.0} MiB/s)",
+        m(&s.live_downtime),
+        m(&s.live_stream),
+        mib(m(&s.live_bytes), m(&s.live_stream))
     );
     println!("\nRESTORE");
     row("QEMU -incoming defer: launch", m(&s.cat_restore_launch), 0.0);
