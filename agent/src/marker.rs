@@ -17,6 +17,10 @@ pub struct MarkerData {
     /// Hooks whose freeze phase ran: their thaw phase runs at recovery.
     #[serde(default)]
     pub hooks: Vec<PathBuf>,
+    /// vssd had turned expedited RCU grace periods on for the FIFREEZE calls: recovery turns
+    /// them off again.
+    #[serde(default)]
+    pub rcu_expedited: bool,
 }
 
 #[derive(Debug)]
@@ -30,11 +34,11 @@ impl Marker {
     }
 
     /// Writes atomically (temporary file, then rename) so a crash never leaves half a marker.
-    pub fn write(&self, fs: &[FrozenFs], hooks: &[PathBuf]) -> std::io::Result<()> {
+    pub fn write(&self, fs: &[FrozenFs], hooks: &[PathBuf], rcu_expedited: bool) -> std::io::Result<()> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let data = MarkerData { pid: std::process::id(), filesystems: fs.to_vec(), hooks: hooks.to_vec() };
+        let data = MarkerData { pid: std::process::id(), filesystems: fs.to_vec(), hooks: hooks.to_vec(), rcu_expedited };
         let tmp = self.path.with_extension("json.tmp");
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&serde_json::to_vec(&data).map_err(std::io::Error::other)?)?;
@@ -73,7 +77,7 @@ mod tests {
         let m = Marker::new(d.path().join("sub/frozen.json"));
         assert!(m.read().is_none());
         let fs = vec![FrozenFs { mount_point: "/a".into(), fstype: "ext4".into(), dev: "7:1".parse().unwrap(), level: 0 }];
-        m.write(&fs, &[]).unwrap();
+        m.write(&fs, &[], false).unwrap();
         let back = m.read().unwrap();
         assert_eq!(back.filesystems, fs);
         assert_eq!(back.pid, std::process::id());

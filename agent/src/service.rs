@@ -234,6 +234,12 @@ impl Agent {
         if !m.hooks.is_empty() {
             hooks::run(&m.hooks, "thaw", self.cfg.hook_deadline());
         }
+        if m.rcu_expedited {
+            let knob = kmod_shim::rcu::knob(&self.cfg.sysfs);
+            if let Err(e) = kmod_shim::rcu::reset(&knob) {
+                warn!(knob = %knob.display(), error = %e, "cannot turn expedited RCU grace periods off");
+            }
+        }
         let rec = self.auto_thaw_record(AutoThawReason::RecoveredAfterCrash, Duration::ZERO, &report);
         for e in &rec.errors {
             error!(mountpoint = %e.mountpoint, error = %e.error, "recovery thaw failed");
@@ -373,13 +379,17 @@ impl Agent {
                 (plan_elapsed, step?)
             }
             Some(apps) => {
+                // Planning (mountinfo, sysfs) runs while the apps prepare; FREEZE goes out only
+                // once the plan stands, so a vetoed plan never has an app hold for nothing.
                 let me = self.clone();
                 let req2 = req.clone();
-                let plan = tokio::task::spawn_blocking(move || me.checked_plan(&req2))
-                    .await
-                    .map_err(|e| AgentError::Internal(format!("plan task failed: {e}")))??;
-                let plan_elapsed = t0.elapsed();
-                app_reports = self.apps_hold(apps, freeze_id, deadline, app_policy, engaged).await?;
+                let planning = tokio::task::spawn_blocking(move || {
+                    let plan = me.checked_plan(&req2);
+                    (plan, t0.elapsed())
+                });
+                let (reports, plan, plan_elapsed) =
+                    self.apps_hold(apps, freeze_id, deadline, app_policy, engaged, planning).await?;
+                app_reports = reports;
                 debug!(apps = app_reports.len(), at_ms = ms(t0.elapsed()), "apps answered");
                 engaged.hooks = hook_list.clone();
                 let me = self.clone();
@@ -440,9 +450,13 @@ impl Agent {
         deadline: Instant,
         app_policy: AppFailurePolicy,
         engaged: &mut Engaged,
-    ) -> Result<Vec<AppReport>, AgentError> {
+        planning: tokio::task::JoinHandle<(Result<Plan, AgentError>, Duration)>,
+    ) -> Result<(Vec<AppReport>, Plan, Duration), AgentError> {
         let prep = apps.prepare(freeze_id, self.cfg.app_prepare_deadline()).await;
         engaged.apps = prep.iter().filter(|r| r.outcome != Answer::Disconnected).map(|r| r.app_id).collect();
+        let (plan, plan_elapsed) =
+            planning.await.map_err(|e| AgentError::Internal(format!("plan task failed: {e}")))?;
+        let plan = plan?;
         let ready: Vec<u64> = prep.iter().filter(|r| r.outcome == Answer::Ready).map(|r| r.app_id).collect();
         if app_policy == AppFailurePolicy::Fail {
             if let Some(bad) = prep.iter().find(|r| r.outcome != Answer::Ready) {
@@ -469,7 +483,7 @@ impl Agent {
             }
             out.push(r);
         }
-        Ok(out)
+        Ok((out, plan, plan_elapsed))
     }
 
     /// Freeze hooks, marker, FIFREEZE (blocking).
@@ -498,10 +512,29 @@ impl Agent {
                 FrozenFs { mount_point: m.mount_point.clone(), fstype: m.fstype.clone(), dev: m.dev, level: m.level }
             })
             .collect();
+        // Expedited grace periods only around the FIFREEZE calls (the knob is system-wide).
+        let expedite = if self.cfg.rcu_expedite && !planned.is_empty() {
+            let knob = kmod_shim::rcu::knob(&self.cfg.sysfs);
+            match kmod_shim::rcu::Expedite::engage(&knob) {
+                Ok(g) => g,
+                Err(e) => {
+                    debug!(knob = %knob.display(), error = %e, "no expedited RCU grace periods for this freeze");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         self.marker
-            .write(&planned, hook_list)
+            .write(&planned, hook_list, expedite.is_some())
             .map_err(|source| AgentError::Marker { dir: self.cfg.state_dir.clone(), source })?;
-        let (frozen, timings) = engine::freeze(&self.kernel, &plan)?;
+        let result = engine::freeze(&self.kernel, &plan);
+        if let Some(g) = expedite {
+            if let Err(e) = g.restore() {
+                warn!(error = %e, "cannot turn expedited RCU grace periods off again");
+            }
+        }
+        let (frozen, timings) = result?;
         Ok((frozen, timings, runs, plan))
     }
 
@@ -702,4 +735,84 @@ pub fn mount_report(m: &plan::PlannedMount, outcome: &str, freeze_ms: Option<f64
 /// Whether `p` is inside the agent's scope (used by vssctl's direct thaw too).
 pub fn in_scope(p: &Path, scope: &Path) -> bool {
     p.starts_with(scope)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Kernel;
+    use std::path::Path;
+    use std::sync::Mutex as StdMutex;
+
+    /// Records what the RCU knob read at each FIFREEZE.
+    struct KnobWatcher {
+        knob: PathBuf,
+        seen: StdMutex<Vec<String>>,
+    }
+    impl Kernel for KnobWatcher {
+        fn freeze(&self, _: &Path) -> std::io::Result<()> {
+            self.seen.lock().unwrap().push(std::fs::read_to_string(&self.knob)?.trim().to_string());
+            Ok(())
+        }
+        fn thaw(&self, _: &Path) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn agent(dir: &Path, knob_initial: &str, expedite: bool) -> (Arc<Agent>, Arc<KnobWatcher>, PathBuf) {
+        let mi = dir.join("mountinfo");
+        std::fs::write(&mi, "10 1 7:0 / /s/a rw - ext4 /dev/loop0 rw\n11 1 7:1 / /s/b rw - xfs /dev/loop1 rw\n").unwrap();
+        let sys = dir.join("sys");
+        std::fs::create_dir_all(sys.join("kernel")).unwrap();
+        let knob = kmod_shim::rcu::knob(&sys);
+        std::fs::write(&knob, knob_initial).unwrap();
+        let k = Arc::new(KnobWatcher { knob: knob.clone(), seen: StdMutex::new(vec![]) });
+        let cfg = Config {
+            scope: "/s".into(),
+            mountinfo: mi,
+            sysfs: sys,
+            state_dir: dir.join("state"),
+            rcu_expedite: expedite,
+            ..Config::default()
+        };
+        (Agent::new(cfg, k.clone()), k, knob)
+    }
+
+    #[tokio::test]
+    async fn grace_periods_are_expedited_only_while_the_filesystems_freeze() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, k, knob) = agent(d.path(), "0\n", true);
+        a.freeze(FreezeRequest::default()).await.unwrap();
+        assert_eq!(*k.seen.lock().unwrap(), ["1", "1"], "each FIFREEZE ran expedited");
+        assert_eq!(std::fs::read_to_string(&knob).unwrap().trim(), "0", "put back while still frozen");
+        a.thaw().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_knob_is_left_alone_when_configured_off_or_already_on() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, k, knob) = agent(d.path(), "0\n", false);
+        a.freeze(FreezeRequest::default()).await.unwrap();
+        a.thaw().await.unwrap();
+        assert_eq!(*k.seen.lock().unwrap(), ["0", "0"]);
+        assert_eq!(std::fs::read_to_string(&knob).unwrap().trim(), "0");
+
+        let d = tempfile::tempdir().unwrap();
+        let (a, k, knob) = agent(d.path(), "1\n", true);
+        a.freeze(FreezeRequest::default()).await.unwrap();
+        a.thaw().await.unwrap();
+        assert_eq!(*k.seen.lock().unwrap(), ["1", "1"]);
+        assert_eq!(std::fs::read_to_string(&knob).unwrap().trim(), "1", "the admin's setting survives");
+    }
+
+    #[tokio::test]
+    async fn recovery_turns_off_what_a_crashed_vssd_turned_on() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, _k, knob) = agent(d.path(), "1\n", true);
+        let fs = FrozenFs { mount_point: "/s/a".into(), fstype: "ext4".into(), dev: "7:0".parse().unwrap(), level: 0 };
+        a.marker.write(&[fs], &[], true).unwrap();
+        a.recover();
+        assert_eq!(std::fs::read_to_string(&knob).unwrap().trim(), "0");
+        assert!(a.marker.read().is_none());
+    }
 }

@@ -11,6 +11,7 @@
 
 pub mod freeze;
 pub mod mountinfo;
+pub mod rcu;
 pub mod topology;
 pub mod virtio;
 pub mod vsock;

@@ -39,6 +39,9 @@ fn paths(ms: &[&PathBuf]) -> Vec<Value> {
 fn ext4_xfs_and_btrfs_block_writes_while_frozen_and_resume_after_thaw() {
     require_root!();
     let sb = Sandbox::new("basic");
+    let knob = Path::new("/sys/kernel/rcu_expedited");
+    let off = || std::fs::read_to_string(knob).map(|s| s.trim() == "0").unwrap_or(true);
+    let knob_was_off = off();
     let mps = [sb.ext4("e"), sb.xfs("x"), sb.btrfs("b")];
     let vssd = Vssd::start(&sb);
     let mut c = vssd.client();
@@ -57,6 +60,14 @@ fn ext4_xfs_and_btrfs_block_writes_while_frozen_and_resume_after_thaw() {
         assert_eq!(c.ok("guest-fsfreeze-thaw", None), json!(3), "round {round}");
         assert_all_complete(&mut probes, THAWED, "after thaw");
         assert_eq!(c.ok("guest-fsfreeze-status", None), json!("thawed"));
+    }
+    // vssd expedites RCU grace periods only around its FIFREEZE calls: the system-wide knob
+    // must be off again (unless the machine has it on for good). Other tests freeze
+    // concurrently and flip it for moments, so wait for it to settle rather than look once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while knob_was_off && !off() {
+        assert!(std::time::Instant::now() < deadline, "/sys/kernel/rcu_expedited stayed on after the thaw");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
