@@ -185,7 +185,20 @@ async fn serve_port(agent: Arc<Agent>, path: PathBuf, fd: OwnedFd) {
     let mut host_present = true;
     let mut session = Session::new(agent.clone(), id);
     loop {
-        match s.read(&mut buf).await {
+        // While the host is away the port reads EOF and polls as hung up, so readiness alone
+        // would spin: `read_port` clears it at EOF and the next read waits for the port's next
+        // wake-up (the host connecting, or its first bytes), which answers at once instead of
+        // after a polling interval. The timeout is only a safety net for a wake-up that never
+        // comes.
+        let read = if host_present {
+            s.read_port(&mut buf).await
+        } else {
+            match tokio::time::timeout(Duration::from_secs(1), s.read_port(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => continue,
+            }
+        };
+        match read {
             Ok(n) if n > 0 => {
                 if !host_present {
                     host_present = true;
@@ -208,7 +221,10 @@ async fn serve_port(agent: Arc<Agent>, path: PathBuf, fd: OwnedFd) {
                     agent.channel_closed(id);
                     session = Session::new(agent.clone(), id);
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                if read.is_err() {
+                    // Not the EOF of an absent host: do not spin on a port in a strange state.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
     }
@@ -230,6 +246,26 @@ pub struct FdStream {
 impl FdStream {
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
         Ok(FdStream { fd: async_fd(fd)? })
+    }
+
+    /// Reads like [`AsyncRead`], except that end of file also clears the readiness, so that
+    /// the next call waits for the descriptor's next wake-up instead of returning EOF again
+    /// at once (the registration is edge-triggered). For virtio-serial ports, whose EOF means
+    /// "no host right now", not "closed for good".
+    pub async fn read_port(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from)) {
+                Ok(Ok(0)) => {
+                    // Clears only if no new event arrived since `readable` returned: a host
+                    // that connected in between is not missed.
+                    guard.clear_ready();
+                    return Ok(0);
+                }
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
     }
 }
 
