@@ -49,6 +49,11 @@ struct Cycles {
     transaction: Vec<f64>,
     thaw: Vec<f64>,
     stall: Vec<f64>,
+    /// vssd's own account of its freeze (empty for qemu-ga): total, planning, apps, FIFREEZE.
+    guest: Vec<f64>,
+    plan: Vec<f64>,
+    apps: Vec<f64>,
+    fifreeze: Vec<f64>,
 }
 
 /// Runs `cycles` backups of `vm` and collects the figures.
@@ -73,9 +78,61 @@ fn cycles(vm: &TestVm, n: usize) -> Cycles {
         c.transaction.push(t["transaction_ms"].as_f64().unwrap());
         c.thaw.push(t["thaw_ms"].as_f64().unwrap());
         c.stall.push(stall);
+        // vssd's report is in the manifest (vmctl's --json summary leaves it out).
+        let manifest: Value = v["dir"]
+            .as_str()
+            .and_then(|d| std::fs::read(std::path::Path::new(d).join("manifest.json")).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
+        let r = &manifest["quiesce"]["report"];
+        if let Some(total) = r["elapsed-ms"].as_f64() {
+            let max = |list: &Value, keys: &[&str]| {
+                list.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| keys.iter().map(|k| x[*k].as_f64().unwrap_or(0.0)).sum::<f64>())
+                    .fold(0.0, f64::max)
+            };
+            c.guest.push(total);
+            c.plan.push(r["plan-ms"].as_f64().unwrap_or(0.0));
+            c.apps.push(max(&r["apps"], &["prepare-ms", "freeze-ms"]));
+            c.fifreeze.push(max(&r["mounts"], &["freeze-ms"]));
+        }
         let _ = std::fs::remove_dir_all(&target);
     }
     c
+}
+
+/// Connect → first answer on the agent channel (QEMU's chardev socket): what every vmctl
+/// command waits before it can start. Each round connects afresh, sends 0xFF +
+/// guest-sync-delimited and waits for its reply. Median in ms.
+fn first_answer_ms(vm: &TestVm, rounds: usize) -> f64 {
+    use std::io::{Read, Write};
+    let mut v = Vec::new();
+    for i in 0..rounds {
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let mut s = std::os::unix::net::UnixStream::connect(vm.dir().join("agent.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let id = 4242 + i;
+        s.write_all(format!("\u{ff}{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n").as_bytes())
+            .unwrap();
+        let want = format!("{{\"return\": {id}}}");
+        let want2 = format!("{{\"return\":{id}}}");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).expect("the agent answers within 10 s");
+            assert!(n > 0, "the agent channel closed");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if text.contains(&want) || text.contains(&want2) {
+                break;
+            }
+        }
+        v.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    median(&mut v)
 }
 
 fn summary(c: &mut Cycles) -> Value {
@@ -85,6 +142,10 @@ fn summary(c: &mut Cycles) -> Value {
         "transaction_ms": median(&mut c.transaction),
         "thaw_ms": median(&mut c.thaw),
         "stall_ms": median(&mut c.stall),
+        "in_guest_ms": median(&mut c.guest),
+        "plan_ms": median(&mut c.plan),
+        "apps_ms": median(&mut c.apps),
+        "fifreeze_ms": median(&mut c.fifreeze),
         "cycles": c.window.len(),
     })
 }
@@ -107,15 +168,16 @@ fn main() {
     let opts = VmOpts { interval_ms: 5, ..Default::default() };
 
     eprintln!("backup-bench: qemu-ga guest, {} cycles", o.cycles);
-    let mut qga = {
+    let (mut qga, qga_first) = {
         let vm = TestVm::boot("bench-qga", VmOpts { agent: "qemu-ga", ..opts.clone() });
         vm.wait_acks("e3", 50, Duration::from_secs(60));
-        cycles(&vm, o.cycles)
+        (cycles(&vm, o.cycles), first_answer_ms(&vm, 9))
     };
     eprintln!("backup-bench: vssd guest, {} cycles", o.cycles);
     let vm = TestVm::boot("bench-vssd", opts);
     vm.wait_acks("e3", 50, Duration::from_secs(60));
     let mut vssd = cycles(&vm, o.cycles);
+    let vssd_first = first_answer_ms(&vm, 9);
 
     // Throughput: real data on the disks, then the same disks copied both ways.
     eprintln!("backup-bench: writing {} MiB of random data in the guest", o.bulk_mib);
@@ -163,6 +225,7 @@ fn main() {
         "freeze": {"vssd": s, "qemu-ga": q,
                    "window_ratio": s["window_ms"].as_f64().unwrap() / q["window_ms"].as_f64().unwrap(),
                    "stall_ratio": s["stall_ms"].as_f64().unwrap() / q["stall_ms"].as_f64().unwrap()},
+        "first_answer_ms": {"vssd": vssd_first, "qemu-ga": qga_first, "ratio": vssd_first / qga_first},
         "throughput": {"allocated_mib": mib,
                        "qemu_img_convert_mib_s": mib / conv,
                        "backup_copy_mib_s": mib / copy,
@@ -192,9 +255,21 @@ fn main() {
         );
     }
     println!(
+        "vssd inside the guest: {:.1} ms (planning {:.1}, apps prepare+hold {:.1}, slowest FIFREEZE {:.1}); \
+         the rest of `freeze ms` is the channel's round trip",
+        f(&s, "in_guest_ms"),
+        f(&s, "plan_ms"),
+        f(&s, "apps_ms"),
+        f(&s, "fifreeze_ms")
+    );
+    println!(
         "vssd / qemu-ga: window {:.2}x, guest stall {:.2}x (target <= 0.5x)",
         r["freeze"]["window_ratio"].as_f64().unwrap(),
         r["freeze"]["stall_ratio"].as_f64().unwrap()
+    );
+    println!(
+        "agent connect → first answer (median of 9): vssd {vssd_first:.1} ms, qemu-ga {qga_first:.1} ms, {:.2}x",
+        vssd_first / qga_first
     );
     println!("\nthroughput, full backup of {mib:.0} MiB allocated (median of 2)");
     println!("qemu-img convert      {:>8.1} MiB/s", mib / conv);
