@@ -87,6 +87,10 @@ struct Cli {
     /// Seconds a hook may run before it is killed (default 30).
     #[arg(long, value_name = "SECONDS")]
     hook_deadline: Option<f64>,
+    /// Leave /sys/kernel/rcu_expedited alone (by default vssd expedites RCU grace periods
+    /// while FIFREEZE runs, and puts the knob back after).
+    #[arg(long)]
+    no_rcu_expedite: bool,
     /// Mount table to read (for tests; default /proc/self/mountinfo).
     #[arg(long, value_name = "FILE", hide = true)]
     mountinfo: Option<PathBuf>,
@@ -137,6 +141,9 @@ fn effective_config(cli: &Cli) -> Result<Config, String> {
     }
     if cli.no_apps {
         c.apps = false;
+    }
+    if cli.no_rcu_expedite {
+        c.rcu_expedite = false;
     }
     if let Some(v) = cli.app_failure {
         c.app_failure = v;

@@ -22,18 +22,20 @@ struct Opts {
     cycles: usize,
     json: bool,
     vssd: PathBuf,
+    /// Extra arguments for vssd (e.g. --no-rcu-expedite, to compare).
+    vssd_args: Vec<String>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: freeze-bench [--counts 1,16,64] [--cycles 15] [--json] [--vssd PATH]\n\
+        "usage: freeze-bench [--counts 1,16,64] [--cycles 15] [--json] [--vssd PATH] [--vssd-arg ARG]...\n\
          Measures vssd, qemu-ga and raw FIFREEZE on loop-mounted ext4 filesystems it creates. Needs root."
     );
     std::process::exit(2)
 }
 
 fn parse_opts() -> Opts {
-    let mut o = Opts { counts: vec![1, 16, 64], cycles: 15, json: false, vssd: default_vssd() };
+    let mut o = Opts { counts: vec![1, 16, 64], cycles: 15, json: false, vssd: default_vssd(), vssd_args: vec![] };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -48,6 +50,7 @@ fn parse_opts() -> Opts {
             "--cycles" => o.cycles = args.next().and_then(|s| s.parse().ok()).unwrap_or_else(|| usage()),
             "--json" => o.json = true,
             "--vssd" => o.vssd = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
+            "--vssd-arg" => o.vssd_args.push(args.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -246,6 +249,7 @@ fn run_count(o: &Opts, n: usize) -> Result<Value, String> {
         .args(["--scope", fleet.scope().to_str().unwrap()])
         .args(["--freeze-deadline", "20", "--no-control-socket"])
         .args(["--state-dir", state.to_str().unwrap()])
+        .args(&o.vssd_args)
         .env("RUST_LOG", "warn")
         .stderr(Stdio::inherit())
         .spawn()
