@@ -100,6 +100,12 @@ pub struct ThawResult {
     /// Apps sent THAW.
     pub apps: usize,
     pub hooks: Vec<HookRun>,
+    /// Milliseconds from the request to the filesystems thawed (what the writers waited).
+    #[serde(rename = "fs-thaw-ms")]
+    pub fs_thaw_ms: f64,
+    /// Milliseconds from the request to this reply (thaw hooks included).
+    #[serde(rename = "elapsed-ms")]
+    pub elapsed_ms: f64,
 }
 
 /// Errors of the agent's operations, mapped to QGA error classes by the protocol layer.
@@ -557,6 +563,7 @@ impl Agent {
     /// Thaws on the host's request. Reports the auto-thaw notice once, as an error, when vssd
     /// had already thawed by itself since the last freeze.
     pub async fn thaw(self: &Arc<Self>) -> Result<ThawResult, AgentError> {
+        let start = Instant::now();
         let _op = self.op.lock().await;
         let state = {
             let mut inner = self.lock();
@@ -568,19 +575,42 @@ impl Agent {
             }
             s
         };
-        let Some(state) = state else { return Ok(ThawResult { thawed: 0, errors: vec![], apps: 0, hooks: vec![] }) };
+        let Some(state) = state else {
+            return Ok(ThawResult {
+                thawed: 0,
+                errors: vec![],
+                apps: 0,
+                hooks: vec![],
+                fs_thaw_ms: 0.0,
+                elapsed_ms: ms(start.elapsed()),
+            });
+        };
         let report = self.thaw_blocking(state.filesystems.clone()).await;
+        let fs_thaw_ms = ms(start.elapsed());
         let engaged = Engaged { apps: state.apps.clone(), hooks: state.hooks.clone() };
         let hook_runs = self.release(&engaged, state.generation, ThawReason::Completed).await;
         self.lock().life.thaw_done()?;
         self.marker.remove();
-        info!(thawed = report.thawed.len(), frozen_ms = state.since.elapsed().as_millis() as u64, "thawed");
+        info!(
+            thawed = report.thawed.len(),
+            frozen_ms = state.since.elapsed().as_millis() as u64,
+            fs_thaw_ms,
+            elapsed_ms = ms(start.elapsed()),
+            "thawed"
+        );
         let errors = thaw_errors(&report);
         if !errors.is_empty() {
             let msg: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.mountpoint, e.error)).collect();
             return Err(AgentError::ThawErrors(msg.join("; ")));
         }
-        Ok(ThawResult { thawed: report.thawed.len(), errors, apps: state.apps.len(), hooks: hook_runs })
+        Ok(ThawResult {
+            thawed: report.thawed.len(),
+            errors,
+            apps: state.apps.len(),
+            hooks: hook_runs,
+            fs_thaw_ms,
+            elapsed_ms: ms(start.elapsed()),
+        })
     }
 
     async fn thaw_blocking(&self, fs: Vec<FrozenFs>) -> engine::ThawReport {
@@ -785,7 +815,9 @@ mod tests {
         a.freeze(FreezeRequest::default()).await.unwrap();
         assert_eq!(*k.seen.lock().unwrap(), ["1", "1"], "each FIFREEZE ran expedited");
         assert_eq!(std::fs::read_to_string(&knob).unwrap().trim(), "0", "put back while still frozen");
-        a.thaw().await.unwrap();
+        let t = a.thaw().await.unwrap();
+        assert_eq!(t.thawed, 2);
+        assert!(t.fs_thaw_ms > 0.0 && t.fs_thaw_ms <= t.elapsed_ms, "{t:?}");
     }
 
     #[tokio::test]
