@@ -1,11 +1,14 @@
 //! Consistent backups of a running QEMU VM.
 //!
 //! The flow (DESIGN.md, "Host side"): everything slow happens before the freeze (query the
-//! disks, create the target images, attach them as QEMU nodes), so that the freeze window holds
+//! disks, create the target images in parallel, attach them as QEMU nodes; meanwhile, on its
+//! own thread, connect to the agent, resync, `guest-info`), so that the freeze window holds
 //! only: freeze through the agent → one QMP `transaction` (a `blockdev-backup` per disk, whose
 //! copy-before-write filter makes the copy point-in-time at that instant, plus a new
-//! persistent dirty bitmap per disk for the next incremental) → thaw. Then the jobs copy while
-//! the guest runs, and the manifest is written last, atomically.
+//! persistent dirty bitmap per disk for the next incremental) → thaw. The jobs are held back
+//! until the thaw has its reply (a running copy starves it), then copy while the guest runs;
+//! every file is fsynced and checksummed in parallel, and the manifest is written last,
+//! atomically.
 //!
 //! Invariants:
 //! - A backup directory without a manifest does not exist for `list`: a backup is built in
@@ -18,12 +21,18 @@
 //! - The incremental chain is carried by bitmap names: backup ID creates bitmap `vmctl-ID` on
 //!   every disk; an incremental after ID copies exactly what `vmctl-ID` marks, and on success
 //!   replaces it with its own. A missing or inconsistent bitmap means "take a full backup".
+//!   The bitmap must be on the top node (QEMU 7.2 looks for it on the node the job reads and
+//!   nowhere else, and only the top node sees the guest's writes): a checkpoint carries it
+//!   onto its overlay; one found only on a backing image is refused by name.
+//! - A disk's name is its device's (see [`disk_name`]), never the node on top, which a
+//!   checkpoint replaces.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tracing::{debug, info};
 
 use crate::qga::{AgentInfo, Qga, QgaError};
 use crate::qmp::{Qmp, QmpError};
@@ -35,6 +44,8 @@ pub const MANIFEST_FORMAT: &str = "vmctl-backup";
 pub const MANIFEST_VERSION: u32 = 1;
 const MANIFEST: &str = "manifest.json";
 const BITMAP_PREFIX: &str = "vmctl-";
+/// Bytes per second of a job between the transaction and the thaw: next to nothing.
+const HELD_SPEED: u64 = 1;
 
 /// Errors of backups. Each says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -190,9 +201,10 @@ pub struct BackupRequest {
 /// One disk as QEMU reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SourceDisk {
-    /// Name used in file names and the chain.
+    /// Name used in file names and the chain: stable for the life of the VM (see [`disk_name`]).
     pub name: String,
-    /// QEMU's node name (the format node).
+    /// QEMU's node name of the top (format) node: what the block job reads. It changes when an
+    /// overlay goes on top (a checkpoint), so it never names the disk.
     pub node: String,
     /// The qdev path or device name, for people.
     pub device: String,
@@ -204,15 +216,68 @@ pub struct SourceDisk {
     pub virtual_size: u64,
     /// Allocated bytes of the image file.
     pub actual_size: u64,
-    /// Persistent dirty bitmaps: (name, dirty bytes, consistent).
+    /// Persistent dirty bitmaps of the top node: (name, dirty bytes, consistent).
     #[serde(skip)]
     pub bitmaps: Vec<(String, u64, bool)>,
+    /// Persistent bitmaps stored in the images below the top one (read only there; they do not
+    /// see writes to the overlays above them).
+    #[serde(skip)]
+    pub backing_bitmaps: Vec<String>,
+    /// The name vmctl 0.1 gave this disk (its node name unless QEMU generated one, else the
+    /// device name), to continue chains whose manifests use it.
+    #[serde(skip)]
+    pub legacy_name: String,
+}
+
+/// The id a disk's guest device was given (`-device ...,id=ID`), from query-block's `qdev`:
+/// the id itself, or a QOM path `/machine/peripheral/ID/virtio-backend`. None when the device
+/// has no id (`/machine/peripheral-anon/...`).
+fn qdev_id(qdev: &str) -> Option<&str> {
+    let id = match qdev.strip_prefix("/machine/peripheral/") {
+        Some(rest) => rest.split('/').next().unwrap_or(""),
+        None if qdev.starts_with('/') => "",
+        None => qdev,
+    };
+    (!id.is_empty()).then_some(id)
+}
+
+/// A disk's name, from one entry of `query-block`: something that stays while the VM runs,
+/// whatever happens to its node graph (a checkpoint's `blockdev-snapshot-sync` puts a new
+/// node, with a new name, on top). In order: the guest device's id (`vd-NAME` of vmctl's VMs
+/// gives NAME, as checkpoints name disks), the `-drive` id, and the node name as vmctl 0.1
+/// used it.
+pub fn disk_name(block: &Value) -> String {
+    let id = block["qdev"]
+        .as_str()
+        .and_then(qdev_id)
+        .map(|id| id.strip_prefix("vd-").filter(|n| !n.is_empty()).unwrap_or(id));
+    let device = block["device"].as_str().filter(|s| !s.is_empty());
+    let name = match id.or(device) {
+        Some(n) => n.to_string(),
+        None => legacy_disk_name(block),
+    };
+    sanitize(&name)
+}
+
+/// vmctl 0.1's name: the node name unless QEMU generated it (`#block123`), else the device.
+fn legacy_disk_name(block: &Value) -> String {
+    let node = block["inserted"]["node-name"].as_str().unwrap_or("");
+    let name = if !node.is_empty() && !node.starts_with('#') {
+        node
+    } else {
+        block["device"].as_str().filter(|s| !s.is_empty()).unwrap_or(node)
+    };
+    sanitize(name)
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
 }
 
 /// The disks of a running QEMU (writable, with media).
 pub fn query_disks(qmp: &mut Qmp) -> Result<Vec<SourceDisk>, BackupError> {
     let blocks = qmp.execute("query-block", None)?;
-    let mut out = Vec::new();
+    let mut out: Vec<SourceDisk> = Vec::new();
     for b in blocks.as_array().into_iter().flatten() {
         let Some(ins) = b.get("inserted") else { continue };
         if ins["ro"].as_bool() == Some(true) {
@@ -220,14 +285,14 @@ pub fn query_disks(qmp: &mut Qmp) -> Result<Vec<SourceDisk>, BackupError> {
         }
         let node = ins["node-name"].as_str().unwrap_or("").to_string();
         let device = b["device"].as_str().filter(|s| !s.is_empty()).or(b["qdev"].as_str()).unwrap_or("").to_string();
-        let name = if !node.is_empty() && !node.starts_with('#') {
-            node.clone()
-        } else {
-            // -drive without node names: the device name (drive0) is stable, the node name is not.
-            b["device"].as_str().filter(|s| !s.is_empty()).unwrap_or(&node).to_string()
-        };
-        let name: String =
-            name.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+        let mut name = disk_name(b);
+        // Names are file names in the backup: two disks must not share one.
+        let base = name.clone();
+        let mut n = 2;
+        while out.iter().any(|d| d.name == name) {
+            name = format!("{base}_{n}");
+            n += 1;
+        }
         let image = &ins["image"];
         let mut bitmaps = Vec::new();
         for bm in ins["dirty-bitmaps"].as_array().or(b["dirty-bitmaps"].as_array()).into_iter().flatten() {
@@ -236,6 +301,16 @@ pub fn query_disks(qmp: &mut Qmp) -> Result<Vec<SourceDisk>, BackupError> {
                 bm["count"].as_u64().unwrap_or(0),
                 !bm["inconsistent"].as_bool().unwrap_or(false),
             ));
+        }
+        let mut backing_bitmaps = Vec::new();
+        let mut img = &image["backing-image"];
+        while img.is_object() {
+            for bm in img["format-specific"]["data"]["bitmaps"].as_array().into_iter().flatten() {
+                if let Some(n) = bm["name"].as_str() {
+                    backing_bitmaps.push(n.to_string());
+                }
+            }
+            img = &img["backing-image"];
         }
         out.push(SourceDisk {
             name,
@@ -246,12 +321,25 @@ pub fn query_disks(qmp: &mut Qmp) -> Result<Vec<SourceDisk>, BackupError> {
             virtual_size: image["virtual-size"].as_u64().unwrap_or(0),
             actual_size: image["actual-size"].as_u64().unwrap_or(0),
             bitmaps,
+            backing_bitmaps,
+            legacy_name: legacy_disk_name(b),
         });
     }
     if out.is_empty() {
         return Err(BackupError::NoDisks);
     }
     Ok(out)
+}
+
+/// The parent backup's entry for `d`: the same name, or (a chain begun by vmctl 0.1, which
+/// named disks by node) the name vmctl 0.1 gave it, unless another disk now goes by that name.
+fn parent_disk<'a>(pm: &'a Manifest, d: &SourceDisk, disks: &[SourceDisk]) -> Option<&'a ManifestDisk> {
+    pm.disks.iter().find(|x| x.name == d.name).or_else(|| {
+        if disks.iter().any(|o| o.name == d.legacy_name) {
+            return None;
+        }
+        pm.disks.iter().find(|x| x.name == d.legacy_name)
+    })
 }
 
 /// A disk in the manifest.
@@ -292,11 +380,23 @@ pub struct QuiesceReport {
     pub thaw: Option<Value>,
 }
 
-/// Timings in milliseconds.
+/// Timings in milliseconds. The steps on the critical path add up to `total_ms` within a few
+/// milliseconds: prepare + agent_wait + freeze + copy (which begins with the transaction and
+/// the thaw) + finish. Fields added after the first vmctl read as 0 from older manifests.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Timings {
-    /// Querying disks, creating and attaching targets.
+    /// Start → the transaction ready: the lock, QMP, querying disks, the parent, creating and
+    /// attaching the target images.
     pub prepare_ms: f64,
+    /// The target images: `qemu-img create` of every disk (run in parallel) and `blockdev-add`
+    /// (part of prepare).
+    pub targets_ms: f64,
+    /// The agent's connection, resync and `guest-info` (on its own thread, alongside prepare).
+    pub agent_ms: f64,
+    /// How long the backup waited for the agent after prepare (the agent's share of the
+    /// critical path).
+    pub agent_wait_ms: f64,
     /// Freeze request → frozen reply.
     pub freeze_ms: f64,
     /// The QMP transaction.
@@ -305,11 +405,16 @@ pub struct Timings {
     pub thaw_ms: f64,
     /// Freeze request sent → thaw reply received, as the host saw it (0 when not frozen).
     pub freeze_window_ms: f64,
-    /// The block jobs.
+    /// The block jobs: transaction start → every job concluded and every target closed.
     pub copy_ms: f64,
-    /// Checksums and manifest.
+    /// Everything after the copy up to the manifest: the parent's bitmaps removed, fsync and
+    /// checksum of every file (all in parallel).
     pub finish_ms: f64,
-    /// The whole backup.
+    /// Within finish: the longest fsync of a backup file.
+    pub fsync_ms: f64,
+    /// Within finish: the longest checksum of a backup file (alongside the fsyncs).
+    pub hash_ms: f64,
+    /// The whole backup, up to writing the manifest.
     pub total_ms: f64,
 }
 
@@ -495,9 +600,46 @@ pub fn hash_file(p: &Path) -> std::io::Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// The agent, connected, resynchronised and identified; or why not; and how long it took.
+type AgentReady = (Result<(Qga, AgentInfo), String>, f64);
+
+/// Connects to the agent, resynchronises and asks `guest-info` on a thread of its own: these
+/// are round trips through the guest that need nothing from QMP, so they run while the
+/// targets are prepared instead of after. None when the backup does not quiesce.
+fn spawn_agent(req: &BackupRequest) -> Option<std::thread::JoinHandle<AgentReady>> {
+    if req.quiesce == Quiesce::Off {
+        return None;
+    }
+    let path = req.agent.clone()?;
+    let timeout = req.agent_timeout;
+    std::thread::Builder::new()
+        .name("vmctl-agent".into())
+        .spawn(move || {
+            let t = Instant::now();
+            let r = Qga::connect(&path).map_err(|e| e.to_string()).and_then(|mut g| {
+                debug!("agent: connected to {}", path.display());
+                g.sync_timeout = timeout;
+                g.info(timeout).map(|i| (g, i)).map_err(|e| e.to_string())
+            });
+            let ms = util::ms(t.elapsed());
+            match &r {
+                Ok((_, i)) => info!("agent answered: {} (connect, resync, guest-info: {ms:.1} ms)", i.describe()),
+                Err(e) => info!("agent not usable after {ms:.1} ms: {e}"),
+            }
+            (r, ms)
+        })
+        .ok()
+}
+
 /// Takes a backup. See the module's description for the flow.
 pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
     let t_start = Instant::now();
+    info!(
+        "{} backup of `{}` into {}",
+        if req.incremental { "incremental" } else { "full" },
+        req.vm_name,
+        req.target.display()
+    );
     std::fs::create_dir_all(&req.target)
         .map_err(io_err(format!("cannot create the target {}", req.target.display())))?;
     let target = std::fs::canonicalize(&req.target).map_err(io_err("bad target"))?;
@@ -510,15 +652,29 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
         .map_err(io_err("cannot create the target's lock file"))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|_| BackupError::Busy(target.display().to_string()))?;
+    // Only once the target is ours: QEMU's agent chardev serves one client at a time.
+    let agent = spawn_agent(req);
 
     let mut qmp = Qmp::connect(&req.qmp, Duration::from_secs(10))?;
     let (maj, min, mic) = qmp.version();
     let qemu_version = format!("{maj}.{min}.{mic}");
+    info!("QMP connected: QEMU {qemu_version}");
     let disks = query_disks(&mut qmp)?;
+    for d in &disks {
+        debug!(
+            "disk `{}`: node {}, {} {}, {} virtual, bitmaps {:?}",
+            d.name,
+            d.node,
+            d.format,
+            d.file,
+            util::human_bytes(d.virtual_size),
+            d.bitmaps.iter().map(|b| &b.0).collect::<Vec<_>>()
+        );
+    }
 
     // The parent, for incrementals: the newest complete backup whose bitmap every disk still has.
-    let (existing, _) = list(&target)?;
     let parent = if req.incremental {
+        let (existing, _) = list(&target)?;
         let Some((pdir, pm)) = existing.iter().rev().find(|(_, m)| m.vm == req.vm_name) else {
             return Err(BackupError::NoParent(format!(
                 "no earlier backup of `{}` in {}",
@@ -527,7 +683,7 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
             )));
         };
         for d in &disks {
-            let Some(md) = pm.disks.iter().find(|x| x.name == d.name) else {
+            let Some(md) = parent_disk(pm, d, &disks) else {
                 return Err(BackupError::NoParent(format!("disk `{}` is not in backup {}", d.name, pm.id)));
             };
             let Some(bm) = &md.bitmap else {
@@ -537,6 +693,14 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
                 )));
             };
             match d.bitmaps.iter().find(|(n, _, _)| n == bm) {
+                // Only on an image below the top: it saw nothing written to the overlays
+                // above it (QEMU looks for a backup's bitmap on the node it reads, nowhere else).
+                None if d.backing_bitmaps.contains(bm) => {
+                    return Err(BackupError::NoParent(format!(
+                        "the dirty bitmap `{bm}` of disk `{}` is only on a backing image below the running overlay {}, so it did not see the writes since that overlay was made (a checkpoint restored, or taken by an older vmctl)",
+                        d.name, d.file
+                    )))
+                }
                 None => {
                     return Err(BackupError::NoParent(format!(
                         "disk `{}` has no dirty bitmap `{bm}` (QEMU restarted without a clean shutdown, or a newer backup went elsewhere)",
@@ -549,6 +713,7 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
                 Some(_) => {}
             }
         }
+        info!("parent: {}", pm.id);
         Some((pdir.clone(), pm.clone()))
     } else {
         None
@@ -564,7 +729,7 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
         .iter()
         .map(|d| match &parent {
             Some((_, pm)) => {
-                let bm = pm.disks.iter().find(|x| x.name == d.name).and_then(|x| x.bitmap.clone()).unwrap_or_default();
+                let bm = parent_disk(pm, d, &disks).and_then(|x| x.bitmap.clone()).unwrap_or_default();
                 d.bitmaps.iter().find(|(n, _, _)| *n == bm).map(|b| b.1).unwrap_or(d.virtual_size)
             }
             None => d.actual_size.min(d.virtual_size.max(d.actual_size)),
@@ -584,10 +749,20 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
     std::fs::create_dir(&partial).map_err(io_err(format!("cannot create {}", partial.display())))?;
     let mut attached = Attached { nodes: Vec::new(), jobs: Vec::new() };
     let was_running = qmp.execute("query-status", None)?["running"].as_bool() == Some(true);
-    let result = take(req, &mut qmp, &disks, parent.as_ref(), &partial, &id, &bitmap_name, &mut attached, t_start);
-    let (mut manifest, copied) = match result {
+    let ctx = Take {
+        req,
+        disks: &disks,
+        parent: parent.as_ref(),
+        partial: &partial,
+        id: &id,
+        bitmap_name: &bitmap_name,
+        t_start,
+    };
+    let result = take(&ctx, &mut qmp, &mut attached, agent);
+    let (mut manifest, copied, t_finish) = match result {
         Ok(x) => x,
         Err(e) => {
+            info!("backup failed: {e}; cleaning up");
             attached.cleanup(&mut qmp);
             // The new bitmap means nothing without its backup.
             for d in &disks {
@@ -610,25 +785,57 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
     };
     attached.cleanup(&mut qmp);
 
-    // The chain continues from this backup: the parent's bitmap is no longer needed.
+    // The chain continues from this backup: the parent's bitmap is no longer needed. (A copy
+    // that a checkpoint left in a read-only image below stays: that image is the checkpoint's.)
     if let Some((_, pm)) = &parent {
-        for d in &pm.disks {
-            if let (Some(bm), Some(src)) = (&d.bitmap, disks.iter().find(|s| s.name == d.name)) {
+        for src in &disks {
+            if let Some(bm) = parent_disk(pm, src, &disks).and_then(|d| d.bitmap.as_ref()) {
                 let _ = qmp.execute("block-dirty-bitmap-remove", Some(json!({"node": src.node, "name": bm})));
             }
         }
     }
     drop(qmp);
 
-    let t_finish = Instant::now();
     let finish = (|| -> Result<(), BackupError> {
-        for (d, c) in manifest.disks.iter_mut().zip(copied) {
-            let p = partial.join(&d.file);
-            let f = std::fs::File::open(&p).map_err(io_err(format!("cannot open {}", p.display())))?;
-            f.sync_all().map_err(io_err("fsync"))?;
-            d.file_size = f.metadata().map_err(io_err("stat"))?.len();
-            d.blake3 = hash_file(&p).map_err(io_err(format!("cannot read {}", p.display())))?;
+        // fsync and checksum of every file at once: the fsyncs wait for the disk (QEMU closed
+        // the targets without flushing them, see `take`), the checksums for the CPU.
+        info!("fsync and checksum of {} file(s)", manifest.disks.len());
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = manifest
+                .disks
+                .iter()
+                .map(|d| {
+                    let p = partial.join(&d.file);
+                    let p2 = p.clone();
+                    let sync = s.spawn(move || -> Result<(u64, f64), BackupError> {
+                        let t = Instant::now();
+                        let f = std::fs::File::open(&p).map_err(io_err(format!("cannot open {}", p.display())))?;
+                        f.sync_all().map_err(io_err(format!("fsync of {}", p.display())))?;
+                        let size = f.metadata().map_err(io_err("stat"))?.len();
+                        Ok((size, util::ms(t.elapsed())))
+                    });
+                    let hash = s.spawn(move || -> Result<(String, f64), BackupError> {
+                        let t = Instant::now();
+                        let h = hash_file(&p2).map_err(io_err(format!("cannot read {}", p2.display())))?;
+                        Ok((h, util::ms(t.elapsed())))
+                    });
+                    (sync, hash)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(a, b)| (a.join().expect("fsync thread"), b.join().expect("hash thread")))
+                .collect()
+        });
+        for ((d, c), (sync, hash)) in manifest.disks.iter_mut().zip(copied).zip(results) {
+            let (size, sync_ms) = sync?;
+            let (h, hash_ms) = hash?;
+            debug!("{}: {} fsynced in {sync_ms:.1} ms, BLAKE3 in {hash_ms:.1} ms", d.file, util::human_bytes(size));
+            d.file_size = size;
+            d.blake3 = h;
             d.copied_bytes = c;
+            manifest.timings.fsync_ms = manifest.timings.fsync_ms.max(sync_ms);
+            manifest.timings.hash_ms = manifest.timings.hash_ms.max(hash_ms);
         }
         manifest.created = created.clone();
         manifest.qemu_version = qemu_version.clone();
@@ -643,13 +850,11 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
             dest.display()
         )))?;
         util::fsync_dir(&target).map_err(io_err("fsync of the target"))?;
+        info!("manifest written: {}", dest.display());
         Ok(())
     })();
     if let Err(e) = finish {
         let _ = std::fs::remove_dir_all(&partial);
-        if let Err(e2) = std::fs::read_dir(target.join(&id)) {
-            let _ = e2;
-        }
         return Err(match e {
             BackupError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 BackupError::TargetFull { dir: target.display().to_string(), detail: "writing the manifest".into() }
@@ -657,39 +862,92 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
             e => e,
         });
     }
+    let t = &manifest.timings;
+    info!(
+        "done in {:.1} ms: prepare {:.1}, agent wait {:.1}, freeze window {:.1}, copy {:.1}, finish {:.1}",
+        t.total_ms, t.prepare_ms, t.agent_wait_ms, t.freeze_window_ms, t.copy_ms, t.finish_ms
+    );
     Ok(BackupOutcome { dir: target.join(&id), manifest })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn take(
-    req: &BackupRequest,
-    qmp: &mut Qmp,
-    disks: &[SourceDisk],
-    parent: Option<&(PathBuf, Manifest)>,
-    partial: &Path,
-    id: &str,
-    bitmap_name: &str,
-    attached: &mut Attached,
+/// What `take` works on.
+struct Take<'a> {
+    req: &'a BackupRequest,
+    disks: &'a [SourceDisk],
+    parent: Option<&'a (PathBuf, Manifest)>,
+    partial: &'a Path,
+    id: &'a str,
+    bitmap_name: &'a str,
     t_start: Instant,
-) -> Result<(Manifest, Vec<u64>), BackupError> {
-    let mut timings = Timings::default();
-    let mut mdisks = Vec::new();
-    // Target images and nodes, before anything touches the guest.
-    for d in disks {
+}
+
+/// Creates every target image at once (`qemu-img create` is mostly process start-up) and
+/// attaches each as a QEMU node. Returns the manifest entries.
+fn prepare_targets(c: &Take, qmp: &mut Qmp, attached: &mut Attached) -> Result<Vec<ManifestDisk>, BackupError> {
+    let mut plan = Vec::new();
+    for d in c.disks {
         let file = format!("{}.qcow2", d.name);
-        let path = partial.join(&file);
-        let path_s = path.to_str().expect("utf-8 path").to_string();
-        let size = d.virtual_size.to_string();
-        let backing = parent.map(|(pdir, _)| format!("../{}/{file}", pdir.file_name().unwrap().to_string_lossy()));
-        match &backing {
-            Some(b) => qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", b, &path_s, &size])?,
-            None => qemu_img(&["create", "-q", "-f", "qcow2", &path_s, &size])?,
-        };
+        let path = c.partial.join(&file);
+        let backing = c.parent.map(|(pdir, pm)| {
+            let pfile = parent_disk(pm, d, c.disks).map(|x| x.file.clone()).unwrap_or_else(|| file.clone());
+            format!("../{}/{pfile}", pdir.file_name().unwrap().to_string_lossy())
+        });
+        let mut args: Vec<String> = ["create", "-q", "-f", "qcow2"].map(String::from).to_vec();
+        if let Some(b) = &backing {
+            args.extend(["-F".into(), "qcow2".into(), "-b".into(), b.clone()]);
+        }
+        args.push(path.to_str().expect("utf-8 path").to_string());
+        args.push(d.virtual_size.to_string());
+        let child = std::process::Command::new("qemu-img")
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| BackupError::QemuImg { what: "create".into(), detail: format!("cannot run qemu-img: {e}") });
+        plan.push((d, file, path, backing, child));
+    }
+    let mut mdisks = Vec::new();
+    let mut failed = None;
+    // Wait for every child, also after a failure: none is left running.
+    let plan: Vec<_> = plan
+        .into_iter()
+        .map(|(d, file, path, backing, child)| {
+            let r = child.and_then(|ch| {
+                let out = ch.wait_with_output().map_err(|e| BackupError::QemuImg {
+                    what: "create".into(),
+                    detail: format!("waiting for qemu-img: {e}"),
+                })?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(BackupError::QemuImg {
+                        what: "create".into(),
+                        detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    })
+                }
+            });
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
+            (d, file, path, backing)
+        })
+        .collect();
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    for (d, file, path, backing) in plan {
         let node = format!("vmctl-target-{}", d.name);
+        // No flushes: the job's ordering flushes and the fdatasync at blockdev-del would make
+        // QEMU wait for the disk while nothing else happens; vmctl fsyncs every file itself,
+        // alongside its checksum, before the manifest exists. (QEMU still writes its cached
+        // metadata into the file when the node is closed.) A crash before that leaves a
+        // partial directory, never a backup.
         let mut opts = json!({
             "driver": "qcow2",
             "node-name": node,
-            "file": {"driver": "file", "filename": path_s},
+            "cache": {"no-flush": true},
+            "file": {"driver": "file", "filename": path.to_str().expect("utf-8 path"), "cache": {"no-flush": true}},
         });
         if backing.is_some() {
             // The job writes only what changed; QEMU need not open the chain.
@@ -705,9 +963,27 @@ fn take(
             copied_bytes: 0,
             file_size: 0,
             blake3: String::new(),
-            bitmap: (d.format == "qcow2").then(|| bitmap_name.to_string()),
+            bitmap: (d.format == "qcow2").then(|| c.bitmap_name.to_string()),
         });
     }
+    Ok(mdisks)
+}
+
+/// Prepare → quiesce → transaction → thaw → copy. Returns the manifest (without checksums),
+/// the bytes each job copied, and when the copy ended (the start of `finish`).
+fn take(
+    c: &Take,
+    qmp: &mut Qmp,
+    attached: &mut Attached,
+    agent_task: Option<std::thread::JoinHandle<AgentReady>>,
+) -> Result<(Manifest, Vec<u64>, Instant), BackupError> {
+    let (req, disks, parent) = (c.req, c.disks, c.parent);
+    let mut timings = Timings::default();
+    // Target images and nodes, before anything touches the guest.
+    let t_targets = Instant::now();
+    let mdisks = prepare_targets(c, qmp, attached)?;
+    timings.targets_ms = util::ms(t_targets.elapsed());
+    info!("target images: {} created and attached in {:.1} ms", mdisks.len(), timings.targets_ms);
     // The transaction's actions, ready before the freeze.
     let mut actions = Vec::new();
     for (d, md) in disks.iter().zip(&mdisks) {
@@ -724,7 +1000,8 @@ fn take(
             data["speed"] = json!(req.speed);
         }
         if let Some((_, pm)) = parent {
-            let pbm = pm.disks.iter().find(|x| x.name == d.name).and_then(|x| x.bitmap.clone()).expect("checked");
+            let pbm = parent_disk(pm, d, disks).and_then(|x| x.bitmap.clone()).expect("checked");
+            // The bitmap is on `device`, the node the job reads: QEMU looks for it there only.
             data["sync"] = json!("bitmap");
             data["bitmap"] = json!(pbm);
             data["bitmap-mode"] = json!("never");
@@ -732,23 +1009,26 @@ fn take(
         actions.push(json!({"type": "blockdev-backup", "data": data}));
         if md.bitmap.is_some() {
             actions.push(json!({"type": "block-dirty-bitmap-add",
-                "data": {"node": d.node, "name": bitmap_name, "persistent": true}}));
+                "data": {"node": d.node, "name": c.bitmap_name, "persistent": true}}));
         }
     }
-    timings.prepare_ms = util::ms(t_start.elapsed());
+    timings.prepare_ms = util::ms(c.t_start.elapsed());
 
     // Quiesce.
     let mut q = QuiesceReport { policy: Some(req.quiesce), ..Default::default() };
     let mut consistency = Consistency::Crash;
     let mut agent: Option<(Qga, AgentInfo)> = None;
     if req.quiesce != Quiesce::Off {
-        let connected = match &req.agent {
+        let t_wait = Instant::now();
+        let connected = match agent_task {
             None => Err("the VM has no guest agent channel".to_string()),
-            Some(p) => Qga::connect(p).map_err(|e| e.to_string()).and_then(|mut g| {
-                g.sync_timeout = req.agent_timeout;
-                g.info(req.agent_timeout).map(|i| (g, i)).map_err(|e| e.to_string())
-            }),
+            Some(h) => {
+                let (r, ms) = h.join().unwrap_or_else(|_| (Err("the agent thread panicked".into()), 0.0));
+                timings.agent_ms = ms;
+                r
+            }
         };
+        timings.agent_wait_ms = util::ms(t_wait.elapsed());
         match connected {
             Ok((g, i)) => {
                 q.agent = Some(i.describe());
@@ -763,12 +1043,14 @@ fn take(
         }
     }
 
-    // `info` just resynchronised this connection and got its answer: the freeze goes out
-    // without another round trip, and the window holds only freeze, transaction and thaw.
+    // `info` resynchronised this connection and got its answer, and nothing has been sent on
+    // it since: the freeze goes out without another round trip, and the window holds only
+    // freeze, transaction and thaw.
     let t_freeze = Instant::now();
     let mut t_copy = t_freeze;
     let mut txn_result: Result<(), BackupError> = Ok(());
     if let Some((g, info)) = agent.as_mut() {
+        info!("freeze: {}", if info.is_vssd { "vssd-freeze" } else { "guest-fsfreeze-freeze" });
         let freeze = if info.is_vssd {
             g.command("vssd-freeze", Some(json!({"deadline": req.freeze_deadline.as_secs_f64()})), req.freeze_timeout)
         } else {
@@ -779,6 +1061,7 @@ fn take(
             Ok(r) => {
                 let (frozen, report) =
                     if info.is_vssd { (r["frozen"].as_u64(), Some(r.clone())) } else { (r.as_u64(), None) };
+                info!("frozen: {} filesystem(s) in {:.1} ms", frozen.unwrap_or(0), timings.freeze_ms);
                 q.frozen = frozen;
                 q.report = report;
                 let mut fz = Frozen { qga: g, vssd: info.is_vssd, done: false };
@@ -790,20 +1073,53 @@ fn take(
                 } else {
                     Consistency::Filesystem
                 };
+                // A running copy competes with the thaw for QEMU's main loop and the host's
+                // CPUs: the thaw's reply came only once most of the copy was done. So the
+                // jobs start held back (their copy-before-write filters are in place at once:
+                // the point in time is the transaction's either way) and get their speed
+                // once the guest is thawed.
+                let held: Vec<Value> = actions
+                    .iter()
+                    .map(|a| {
+                        let mut a = a.clone();
+                        if a["type"] == "blockdev-backup" {
+                            a["data"]["speed"] = json!(HELD_SPEED);
+                        }
+                        a
+                    })
+                    .collect();
                 let t_txn = Instant::now();
                 t_copy = t_txn;
-                txn_result =
-                    qmp.execute("transaction", Some(json!({"actions": actions}))).map(|_| ()).map_err(Into::into);
+                txn_result = qmp.execute("transaction", Some(json!({"actions": held}))).map(|_| ()).map_err(Into::into);
                 timings.transaction_ms = util::ms(t_txn.elapsed());
                 let t_thaw = Instant::now();
                 let thaw = fz.thaw();
                 timings.thaw_ms = util::ms(t_thaw.elapsed());
                 timings.freeze_window_ms = util::ms(t_freeze.elapsed());
+                if txn_result.is_ok() {
+                    for d in disks {
+                        let job = format!("vmctl-{}", d.name);
+                        if let Err(e) =
+                            qmp.execute("block-job-set-speed", Some(json!({"device": job, "speed": req.speed})))
+                        {
+                            attached.jobs.extend(disks.iter().map(|d| format!("vmctl-{}", d.name)));
+                            return Err(e.into());
+                        }
+                    }
+                }
+                info!(
+                    "transaction {} in {:.1} ms; thawed in {:.1} ms; freeze window {:.1} ms",
+                    if txn_result.is_ok() { "done" } else { "failed" },
+                    timings.transaction_ms,
+                    timings.thaw_ms,
+                    timings.freeze_window_ms
+                );
                 match thaw {
                     Ok(v) => q.thaw = Some(v),
                     Err(e) => {
                         // vssd answers a thaw after its own deadline thaw with an error: the
                         // guest ran on unfrozen for part of the window; do not claim more.
+                        info!("thaw: {e}");
                         q.thaw = Some(json!(e.to_string()));
                         if matches!(e, QgaError::Command { .. }) {
                             consistency = Consistency::Crash;
@@ -813,6 +1129,7 @@ fn take(
                 }
             }
             Err(e) => {
+                info!("freeze failed after {:.1} ms: {e}", timings.freeze_ms);
                 // Whatever the agent did, make sure nothing stays frozen.
                 let _ = g.execute("guest-fsfreeze-thaw", None, Duration::from_secs(10));
                 if req.quiesce == Quiesce::Required {
@@ -827,6 +1144,7 @@ fn take(
         t_copy = t_txn;
         txn_result = qmp.execute("transaction", Some(json!({"actions": actions}))).map(|_| ()).map_err(Into::into);
         timings.transaction_ms = util::ms(t_txn.elapsed());
+        info!("transaction (not quiesced) in {:.1} ms", timings.transaction_ms);
     }
     drop(agent);
     match txn_result {
@@ -841,7 +1159,7 @@ fn take(
     }
 
     // Copy. The jobs started with the transaction (they ran on during the thaw); the copy is
-    // done when they concluded and the targets are flushed and closed (blockdev-del).
+    // done when they concluded and the targets are closed (blockdev-del).
     let copied = wait_jobs(req, qmp, disks, &attached.jobs.clone()).map_err(|e| match e {
         BackupError::Qmp(q) if q.is_closed() => BackupError::QemuGone { stage: "while copying".into() },
         e => e,
@@ -853,14 +1171,16 @@ fn take(
         qmp.execute("blockdev-del", Some(json!({"node-name": n})))?;
     }
     timings.copy_ms = util::ms(t_copy.elapsed());
+    let t_finish = Instant::now();
+    info!("copied {} in {:.1} ms", util::human_bytes(copied.iter().sum()), timings.copy_ms);
     let chain = match parent {
-        Some((_, pm)) => pm.chain.iter().cloned().chain([id.to_string()]).collect(),
-        None => vec![id.to_string()],
+        Some((_, pm)) => pm.chain.iter().cloned().chain([c.id.to_string()]).collect(),
+        None => vec![c.id.to_string()],
     };
     let manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
         version: MANIFEST_VERSION,
-        id: id.to_string(),
+        id: c.id.to_string(),
         vm: req.vm_name.clone(),
         created: String::new(),
         kind: if parent.is_some() { "incremental" } else { "full" }.into(),
@@ -874,7 +1194,7 @@ fn take(
         vm_config: req.vm_config.clone(),
         vmctl_version: env!("CARGO_PKG_VERSION").into(),
     };
-    Ok((manifest, copied))
+    Ok((manifest, copied, t_finish))
 }
 
 /// A guest write that copy-before-write could not copy (the target is full) fails, and a
@@ -931,6 +1251,8 @@ fn wait_jobs(
     } else {
         None
     };
+    let t0 = Instant::now();
+    let mut logged = t0;
     let result = loop {
         let list = qmp.execute("query-jobs", None)?;
         let mut done = 0;
@@ -955,6 +1277,17 @@ fn wait_jobs(
         if let Some(b) = &bar {
             b.set_length(tot);
             b.set_position(cur);
+        }
+        if done == jobs.len() || logged.elapsed() >= Duration::from_millis(500) {
+            logged = Instant::now();
+            info!(
+                "copy: {} of {} ({:.0}%), {done}/{} job(s) concluded, {:.1} s",
+                util::human_bytes(cur),
+                util::human_bytes(tot),
+                if tot > 0 { cur as f64 * 100.0 / tot as f64 } else { 100.0 },
+                jobs.len(),
+                t0.elapsed().as_secs_f64()
+            );
         }
         if let Some((disk, detail)) = failed {
             if detail.contains("No space left") || detail.contains("quota") {
@@ -1104,6 +1437,79 @@ mod tests {
         assert!(e.contains("upgrade vmctl"), "{e}");
         std::fs::write(d.path().join(MANIFEST), r#"{"format":"other","version":1}"#).unwrap();
         assert!(Manifest::load(d.path()).is_err());
+    }
+
+    fn block(qdev: &str, device: &str, node: &str) -> Value {
+        json!({"qdev": qdev, "device": device, "inserted": {"node-name": node}})
+    }
+
+    #[test]
+    fn disks_are_named_by_their_device_not_by_the_node_on_top() {
+        // vmctl's own VMs, before and after a checkpoint's overlay went on top.
+        let b = block("/machine/peripheral/vd-data/virtio-backend", "", "data");
+        assert_eq!((disk_name(&b), legacy_disk_name(&b)), ("data".into(), "data".into()));
+        let b = block("/machine/peripheral/vd-data/virtio-backend", "", "data-ck1d4073f");
+        assert_eq!((disk_name(&b), legacy_disk_name(&b)), ("data".into(), "data-ck1d4073f".into()));
+        // -drive if=virtio: no device id, QEMU's node name; the drive's name as before.
+        let b = block("/machine/peripheral-anon/device[0]/virtio-backend", "virtio0", "#block162");
+        assert_eq!((disk_name(&b), legacy_disk_name(&b)), ("virtio0".into(), "virtio0".into()));
+        // -drive if=none,id=drive3 -device ...,id=disk3; a device whose qdev is its id.
+        let b = block("/machine/peripheral/disk3/virtio-backend", "drive3", "#block328");
+        assert_eq!((disk_name(&b), legacy_disk_name(&b)), ("disk3".into(), "drive3".into()));
+        assert_eq!(disk_name(&block("scsi0", "", "n")), "scsi0");
+        // -blockdev without a device id: the node name, as before.
+        assert_eq!(disk_name(&block("/machine/peripheral-anon/device[1]/virtio-backend", "", "os")), "os");
+        assert_eq!(disk_name(&block("", "", "a/b")), "a_b");
+    }
+
+    fn source(name: &str, legacy: &str) -> SourceDisk {
+        SourceDisk {
+            name: name.into(),
+            node: legacy.into(),
+            device: String::new(),
+            file: String::new(),
+            format: "qcow2".into(),
+            virtual_size: 0,
+            actual_size: 0,
+            bitmaps: vec![],
+            backing_bitmaps: vec![],
+            legacy_name: legacy.into(),
+        }
+    }
+
+    fn manifest_with(disks: &[&str]) -> Manifest {
+        let mut v = json!({"format": MANIFEST_FORMAT, "version": 1, "id": "p", "vm": "v", "created": "", "kind": "full",
+            "parent": null, "chain": ["p"], "consistency": "crash", "quiesce": {}, "timings": {}, "disks": [],
+            "qemu_version": "7.2.0", "vm_config": null, "vmctl_version": "0.1.0"});
+        for d in disks {
+            let s = serde_json::to_value(source(d, d)).unwrap();
+            v["disks"].as_array_mut().unwrap().push(json!({"name": d, "file": format!("{d}.qcow2"), "backing": null,
+                "source": s, "copied_bytes": 0, "file_size": 0, "blake3": "", "bitmap": format!("vmctl-{d}")}));
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn chains_begun_under_the_old_names_go_on() {
+        let pm = manifest_with(&["drive3", "data"]);
+        let disks = [source("disk3", "drive3"), source("data", "data-ck1")];
+        assert_eq!(parent_disk(&pm, &disks[0], &disks).unwrap().name, "drive3");
+        assert_eq!(parent_disk(&pm, &disks[1], &disks).unwrap().name, "data");
+        // An old name that another disk now goes by is not taken.
+        let disks = [source("x", "data"), source("data", "data")];
+        assert!(parent_disk(&pm, &disks[0], &disks).is_none());
+    }
+
+    #[test]
+    fn manifests_without_the_newer_timings_still_load() {
+        let d = tempfile::tempdir().unwrap();
+        let m = manifest_with(&["data"]);
+        let mut v = serde_json::to_value(&m).unwrap();
+        v["timings"] = json!({"prepare_ms": 1.0, "freeze_ms": 2.0, "transaction_ms": 3.0, "thaw_ms": 4.0,
+            "freeze_window_ms": 9.0, "copy_ms": 5.0, "finish_ms": 6.0, "total_ms": 20.0});
+        std::fs::write(d.path().join(MANIFEST), serde_json::to_vec(&v).unwrap()).unwrap();
+        let m = Manifest::load(d.path()).unwrap();
+        assert_eq!((m.timings.total_ms, m.timings.agent_ms, m.timings.hash_ms), (20.0, 0.0, 0.0));
     }
 
     #[test]

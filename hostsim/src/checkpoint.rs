@@ -993,24 +993,22 @@ fn set_pause_before_switchover(qmp: &mut Qmp, on: bool) -> Result<(), QmpError> 
         .map(|_| ())
 }
 
-/// Backups' persistent dirty bitmaps stay with the image they were made on, which is now read
-/// only; a copy on each new overlay (what was dirty, merged in) keeps incremental backups
-/// going. Best effort: without it the next backup has to be a full one, which it says.
-fn carry_bitmaps(qmp: &mut Qmp, disks: &[LiveDisk], plan: &[(PathBuf, String)]) {
-    for (d, (_, node)) in disks.iter().zip(plan) {
-        for (name, granularity) in &d.bitmaps {
-            let added = qmp.execute(
-                "block-dirty-bitmap-add",
-                Some(json!({"node": node, "name": name, "granularity": granularity, "persistent": true})),
-            );
-            if added.is_ok() {
-                let _ = qmp.execute(
-                    "block-dirty-bitmap-merge",
-                    Some(json!({"node": node, "target": name, "bitmaps": [{"node": d.node, "name": name}]})),
-                );
-            }
-        }
+/// Backups' persistent dirty bitmaps stay with the image they were made on, which turns read
+/// only under the new overlay; and QEMU's `blockdev-backup` looks for its bitmap only on the
+/// node it reads, the top one. So each bitmap gets a copy on the new overlay, what was dirty
+/// merged in, in the overlays' own transaction: the overlay never exists without it, and the
+/// next incremental backup copies what changed before the checkpoint and after it. (The
+/// original stays, read only, in the checkpoint's image, for an incremental after a restore
+/// to refuse by name rather than go silent.)
+fn bitmap_actions(d: &LiveDisk, node: &str) -> Vec<Value> {
+    let mut actions = Vec::new();
+    for (name, granularity) in &d.bitmaps {
+        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+            "node": node, "name": name, "granularity": granularity, "persistent": true}}));
+        actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
+            "node": node, "target": name, "bitmaps": [{"node": d.node, "name": name}]}}));
     }
+    actions
 }
 
 /// One transaction: every disk's overlay, or none. Then vm.toml names the overlays, since
@@ -1020,17 +1018,18 @@ fn take_overlays(qmp: &mut Qmp, vm: &Vm, disks: &[LiveDisk], plan: &[(PathBuf, S
     let actions: Vec<Value> = disks
         .iter()
         .zip(plan)
-        .map(|(d, (file, node))| {
-            json!({"type": "blockdev-snapshot-sync", "data": {
+        .flat_map(|(d, (file, node))| {
+            let snap = json!({"type": "blockdev-snapshot-sync", "data": {
                 "node-name": d.node, "snapshot-file": file, "snapshot-node-name": node,
-                "format": "qcow2", "mode": "absolute-paths"}})
+                "format": "qcow2", "mode": "absolute-paths"}});
+            std::iter::once(snap).chain(bitmap_actions(d, node))
         })
         .collect();
     if !actions.is_empty() {
         qmp.execute("transaction", Some(json!({"actions": actions}))).map_err(qmp_gone("during the overlays' transaction"))?;
     }
-    carry_bitmaps(qmp, disks, plan);
     let ms = util::ms(t.elapsed());
+    tracing::info!("disk overlays taken (and backups' bitmaps carried onto them) in {ms:.1} ms");
     let mut c = vm.config.clone();
     for (d, (file, _)) in c.disks.iter_mut().zip(plan) {
         d.path = file.strip_prefix(&vm.dir).map(Path::to_path_buf).unwrap_or_else(|_| file.clone());
@@ -1382,6 +1381,7 @@ fn create_in(
         }
         let r = wait_migration(&mut qmp, limit, stage, "completed")?;
         timings.stream_ms = util::ms(t_stream.elapsed());
+        tracing::info!("state saved in {:.1} ms", timings.stream_ms);
         Ok(r)
     })();
     let restore_params = |qmp: &mut Qmp| {

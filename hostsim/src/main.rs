@@ -41,6 +41,11 @@ struct Cli {
     /// Machine-readable output (one JSON document on stdout).
     #[arg(long, global = true)]
     json: bool,
+    /// Log each step to stderr with its time: -v the steps (QMP, agent, freeze, transaction,
+    /// thaw, copy, fsync and checksums, manifest), -vv every QMP and agent command with its
+    /// round trip, -vvv the messages themselves. RUST_LOG (a level) overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -114,6 +119,9 @@ enum Cmd {
     Pause(checkpoint_cli::VmArg),
     /// Let the VM's CPUs run again (QMP cont).
     Unpause(checkpoint_cli::VmArg),
+    /// Print vmctl's manual page (roff, every command included): `vmctl man | man -l -`.
+    #[command(hide = true)]
+    Man,
     #[command(name = "__sink", hide = true)]
     Sink(checkpoint_cli::SinkArgs),
     #[command(name = "__source", hide = true)]
@@ -315,8 +323,105 @@ fn out(cli: &Cli, v: Value, human: impl FnOnce() -> String) {
     }
 }
 
+/// Log timestamps: the time of day (UTC, microseconds) and the time since vmctl started, so
+/// that each step's duration reads straight off the log.
+struct StepClock(Instant);
+
+impl tracing_subscriber::fmt::time::FormatTime for StepClock {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let s = now.as_secs() % 86_400;
+        write!(
+            w,
+            "{:02}:{:02}:{:02}.{:06} +{:9.3}ms",
+            s / 3600,
+            (s / 60) % 60,
+            s % 60,
+            now.subsec_micros(),
+            self.0.elapsed().as_secs_f64() * 1000.0
+        )
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match (std::env::var("RUST_LOG").ok().and_then(|v| v.parse().ok()), verbose) {
+        (Some(l), _) => l,
+        (None, 0) => return,
+        (None, 1) => tracing_subscriber::filter::LevelFilter::INFO,
+        (None, 2) => tracing_subscriber::filter::LevelFilter::DEBUG,
+        (None, _) => tracing_subscriber::filter::LevelFilter::TRACE,
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .with_timer(StepClock(Instant::now()))
+        .with_max_level(level)
+        .init();
+}
+
+/// The manual page: vmctl's own sections, then one per command (`vmctl backup`, `vmctl
+/// checkpoint create`, ...) with its synopsis, description and options.
+fn man_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mut cmd = <Cli as clap::CommandFactory>::command()
+        .name("vmctl")
+        .bin_name("vmctl")
+        .about("consistent backups and checkpoints of running QEMU VMs, driven through the guest agent");
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.clone()).section("1");
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    commands(&cmd, "vmctl", &mut page)?;
+    man.render_extra_section(&mut page)?;
+    man.render_version_section(&mut page)?;
+    // Each piece clap_mangen renders starts with the same preamble: once is enough.
+    let page = String::from_utf8_lossy(&page);
+    let mut seen = std::collections::HashSet::new();
+    for line in page.lines() {
+        if (line.starts_with(".ie ") || line.starts_with(".el ")) && !seen.insert(line) {
+            continue;
+        }
+        let line = if line == ".SH EXTRA" { ".SH EXAMPLES" } else { line };
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// One section per visible command, depth first; its own sections become subsections, and the
+/// options every command shares are left to vmctl's OPTIONS.
+fn commands(cmd: &clap::Command, path: &str, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+        let name = format!("{path} {}", sub.get_name());
+        let sub = sub.clone().bin_name(&name).mut_args(|a| {
+            let shared = a.is_global_set() || matches!(a.get_id().as_str(), "help" | "version");
+            if shared {
+                a.hide(true)
+            } else {
+                a
+            }
+        });
+        let man = clap_mangen::Man::new(sub.clone());
+        let mut text = Vec::new();
+        man.render_synopsis_section(&mut text)?;
+        man.render_description_section(&mut text)?;
+        if sub.get_arguments().any(|a| !a.is_hide_set()) {
+            man.render_options_section(&mut text)?;
+        }
+        let text = String::from_utf8_lossy(&text).replace(".SH ", ".SS ");
+        writeln!(out, ".SH \"{}\"", name.to_uppercase())?;
+        out.write_all(text.as_bytes())?;
+        commands(&sub, &name, out)?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.verbose);
     match run(&cli) {
         Ok(code) => ExitCode::from(code),
         Err(Fail(msg, code)) => {
@@ -441,6 +546,12 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
         Cmd::Resume(a) => checkpoint_cli::resume(&ck_ctx(cli), a).map_err(ck_fail),
         Cmd::Pause(a) => checkpoint_cli::pause(&ck_ctx(cli), a, true).map_err(ck_fail),
         Cmd::Unpause(a) => checkpoint_cli::pause(&ck_ctx(cli), a, false).map_err(ck_fail),
+        Cmd::Man => match man_page(&mut std::io::stdout().lock()) {
+            Ok(()) => Ok(0),
+            // `vmctl man | head`
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+            Err(e) => Err(Fail(format!("cannot write the man page: {e}"), 1)),
+        },
         Cmd::Sink(a) => Ok(checkpoint_cli::sink(a)),
         Cmd::Source(a) => Ok(checkpoint_cli::source(a)),
     }
@@ -561,7 +672,8 @@ fn backup_run(cli: &Cli, b: &BackupCmd) -> Result<u8, Fail> {
         freeze_timeout: Duration::from_secs_f64(b.freeze_deadline.max(1.0)),
         agent_timeout: Duration::from_secs_f64(b.agent_timeout),
         speed: b.bandwidth.map(|m| (m * 1048576.0) as u64).unwrap_or(0),
-        progress: !cli.json,
+        // The log's lines and a progress bar would garble each other.
+        progress: !cli.json && cli.verbose == 0,
         skip_space_check: b.no_space_check,
     };
     let o = backup::run(&req).map_err(fail_backup)?;

@@ -211,17 +211,23 @@ impl Qga {
             );
             msg.push(b'\n');
             self.send(&msg)?;
+            let sent = Instant::now();
+            tracing::trace!("agent -> guest-sync-delimited {id}");
             let attempt_end = (Instant::now() + Duration::from_secs(1)).min(deadline);
             loop {
                 match self.next(attempt_end)? {
                     None if Instant::now() >= deadline => {
                         return Err(QgaError::Silent { command: "guest-sync-delimited".into(), after: limit })
                     }
-                    None => break,
+                    None => {
+                        tracing::debug!("agent: no answer to the resync within a second; connecting again");
+                        break;
+                    }
                     Some(Line { delimited: true, value: Some(v) })
                         if v.get("return").and_then(Value::as_i64) == Some(id) =>
                     {
-                        return Ok(())
+                        tracing::debug!("agent: in sync ({:.1} ms)", sent.elapsed().as_secs_f64() * 1000.0);
+                        return Ok(());
                     }
                     Some(_) => continue,
                 }
@@ -243,19 +249,28 @@ impl Qga {
             msg["arguments"] = a;
         }
         let mut bytes = serde_json::to_vec(&msg).unwrap();
+        tracing::trace!("agent -> {}", String::from_utf8_lossy(&bytes));
         bytes.push(b'\n');
         self.send(&bytes)?;
+        let sent = Instant::now();
         let deadline = Instant::now() + limit;
         loop {
-            match self.next(deadline)? {
+            let line = self.next(deadline)?;
+            if let Some(Line { value: Some(v), .. }) = &line {
+                tracing::trace!("agent <- {v}");
+            }
+            match line {
                 None => return Err(QgaError::Silent { command: command.into(), after: limit }),
                 // A late reply to an earlier resync attempt, not ours.
                 Some(Line { delimited: true, .. }) if command != "guest-sync-delimited" => continue,
                 Some(Line { value: Some(v), .. }) => {
+                    let ms = sent.elapsed().as_secs_f64() * 1000.0;
                     if let Some(r) = v.get("return") {
+                        tracing::debug!("agent {command}: {ms:.1} ms");
                         return Ok(r.clone());
                     }
                     if let Some(e) = v.get("error") {
+                        tracing::debug!("agent {command}: error after {ms:.1} ms: {}", e["desc"]);
                         return Err(QgaError::Command {
                             command: command.into(),
                             class: e["class"].as_str().unwrap_or("GenericError").into(),

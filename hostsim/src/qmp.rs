@@ -219,7 +219,9 @@ impl Qmp {
             msg["arguments"] = a;
         }
         let mut bytes = serde_json::to_vec(&msg).expect("serialise");
+        tracing::trace!("QMP -> {}", String::from_utf8_lossy(&bytes));
         bytes.push(b'\n');
+        let sent = Instant::now();
         if let Err(e) = self.writer.write_all(&bytes).and_then(|_| self.writer.flush()) {
             return Err(match e.kind() {
                 io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
@@ -250,10 +252,17 @@ impl Qmp {
                 // A reply to a request that timed out earlier: late, and no longer wanted.
                 continue;
             }
+            tracing::trace!("QMP <- {v}");
             if let Some(r) = v.get("return") {
+                tracing::debug!("QMP {command}: {:.1} ms", sent.elapsed().as_secs_f64() * 1000.0);
                 return Ok(r.clone());
             }
             if let Some(e) = v.get("error") {
+                tracing::debug!(
+                    "QMP {command}: error after {:.1} ms: {}",
+                    sent.elapsed().as_secs_f64() * 1000.0,
+                    e["desc"]
+                );
                 return Err(QmpError::Command {
                     command: command.to_string(),
                     class: e["class"].as_str().unwrap_or("GenericError").to_string(),

@@ -142,6 +142,114 @@ fn incremental_copies_about_the_changed_bytes_and_restores_like_a_full() {
     assert_eq!(inc2["consistency"], "filesystem");
 }
 
+/// The name of the node QEMU reads disk `name` (`vd-NAME`) through.
+fn top_node(vm: &TestVm, name: &str) -> String {
+    let blocks = vm.qmp().execute("query-block", None).unwrap();
+    let b = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["qdev"].as_str().unwrap_or("").contains(&format!("/vd-{name}/")))
+        .unwrap_or_else(|| panic!("no device vd-{name}: {blocks}"));
+    b["inserted"]["node-name"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn incremental_after_a_checkpoint_copies_what_changed_on_both_sides_of_it() {
+    require_vm!();
+    let vm = TestVm::boot("ckincr", VmOpts { writers: false, ..Default::default() });
+    // With -v: each step on stderr, with its time; stdout stays JSON.
+    let out = vm.vmctl(&["-v", "backup", "ckincr", "--json"]);
+    out.expect_code(0, "vmctl -v backup");
+    let full1: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(full1["kind"], "full");
+    let mut last = -1.0;
+    for step in [
+        "full backup of",
+        "QMP connected",
+        "agent answered",
+        "target images:",
+        "freeze: vssd-freeze",
+        "frozen:",
+        "transaction done",
+        "copy:",
+        "copied",
+        "fsync and checksum",
+        "manifest written",
+        "done in",
+    ] {
+        let line = out
+            .stderr
+            .lines()
+            .find(|l| l.contains(&format!("INFO {step}")))
+            .unwrap_or_else(|| panic!("no `{step}` in:\n{}", out.stderr));
+        let ms: f64 = line
+            .split('+')
+            .nth(1)
+            .and_then(|r| r.split("ms").next())
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no elapsed time in `{line}`"));
+        if step != "agent answered" {
+            // The agent thread runs alongside the preparation; every other step comes in order.
+            assert!(ms >= last, "`{step}` at {ms} ms comes before the step before it ({last} ms):\n{}", out.stderr);
+            last = ms;
+        }
+    }
+
+    // 4 MiB before the checkpoint (their bitmap bits are on the image that becomes the
+    // checkpoint's), then 2 + 8 MiB after it (on the new overlays).
+    vm.sh("dd if=/dev/urandom of=/data/db/before bs=1M count=4 2>/dev/null && sync");
+    let node_before = top_node(&vm, "data");
+    vm.vmctl_json(&["checkpoint", "create", "ckincr", "--name", "c1"], 0);
+    let node_after = top_node(&vm, "data");
+    assert_ne!(node_before, node_after, "the checkpoint put a new node on top");
+    vm.sh("dd if=/dev/urandom of=/data/db/after bs=1M count=2 2>/dev/null && dd if=/dev/urandom of=/data/e3/after bs=1M count=8 2>/dev/null && sync");
+
+    // Paused, so that the incremental and a new full see the same disks, byte for byte.
+    vm.qmp().execute("stop", None).unwrap();
+    let inc = vm.vmctl_json(&["backup", "ckincr", "--incremental", "--quiesce", "off"], 0);
+    let full2 = vm.vmctl_json(&["backup", "ckincr", "--quiesce", "off"], 0);
+    vm.qmp().execute("cont", None).unwrap();
+
+    assert_eq!(inc["kind"], "incremental", "{inc}");
+    assert_eq!(inc["chain"], json!([full1["id"], inc["id"]]));
+    let inc_dir = backup_dir(&inc);
+    let m = hostsim::backup::Manifest::load(&inc_dir).unwrap();
+    let names: Vec<&str> = m.disks.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["data", "data2"], "disks keep the names of the VM's config");
+    assert_eq!(m.disks[0].source.node, node_after, "the job read the checkpoint's overlay");
+    let copied = |disk: &str| m.disks.iter().find(|d| d.name == disk).unwrap().copied_bytes;
+    eprintln!("[test] after the checkpoint: data {} bytes, data2 {} bytes copied", copied("data"), copied("data2"));
+    assert!(
+        (6 * MIB..=6 * MIB + 6 * MIB).contains(&copied("data")),
+        "data: 4 MiB before + 2 MiB after the checkpoint, copied {}",
+        copied("data")
+    );
+    assert!(
+        (8 * MIB..=8 * MIB + 6 * MIB).contains(&copied("data2")),
+        "data2: 8 MiB after the checkpoint, copied {}",
+        copied("data2")
+    );
+
+    // The chain restores to exactly what a full backup of the same moment holds.
+    let a = vm.work().join("restored-inc");
+    let b = vm.work().join("restored-full");
+    vm.vmctl(&["backup".as_ref(), "restore".as_ref(), inc_dir.as_os_str(), "--to".as_ref(), a.as_os_str()])
+        .expect_code(0, "restore inc");
+    vm.vmctl(&["backup".as_ref(), "restore".as_ref(), backup_dir(&full2).as_os_str(), "--to".as_ref(), b.as_os_str()])
+        .expect_code(0, "restore full");
+    for disk in ["data.qcow2", "data2.qcow2"] {
+        let out = run_unchecked("qemu-img", &["compare".as_ref(), a.join(disk).as_os_str(), b.join(disk).as_os_str()]);
+        assert_eq!(out.code, Some(0), "restored {disk} differs: {}{}", out.stdout, out.stderr);
+    }
+
+    // And the chain goes on from the newest backup, quiesced this time.
+    vm.sh("dd if=/dev/urandom of=/data/e3/later bs=1M count=1 2>/dev/null && sync");
+    let inc2 = vm.vmctl_json(&["backup", "ckincr", "--incremental"], 0);
+    assert_eq!(inc2["chain"], json!([full2["id"], inc2["id"]]));
+    assert_eq!(inc2["consistency"], "filesystem");
+}
+
 #[test]
 fn agent_silent_or_missing_gives_crash_consistent_or_a_clear_refusal() {
     require_vm!();

@@ -68,3 +68,42 @@ fn backup_list_of_an_empty_or_partial_target_lists_nothing() {
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("not a usable backup"), "{}", out.stderr);
 }
+
+#[test]
+fn man_prints_a_roff_page_with_every_command() {
+    let d = tempfile::tempdir().unwrap();
+    let out = vmctl(d.path(), &["man"]);
+    out.expect_code(0, "vmctl man");
+    let page = &out.stdout;
+    assert!(page.lines().any(|l| l.starts_with(".TH vmctl 1")), "{page}");
+    let commands = "CREATE,START,STOP,KILL,STATUS,LIST,FSFREEZE,FSTHAW,FSSTATUS,BACKUP,BACKUP LIST,BACKUP VERIFY,\
+                    BACKUP RESTORE,CHECKPOINT,CHECKPOINT CREATE,CHECKPOINT LIST,CHECKPOINT DELETE,CHECKPOINT DESTROYALL,\
+                    SUSPEND,RESUME,PAUSE,UNPAUSE";
+    for cmd in commands.split(',') {
+        assert!(page.contains(&format!(".SH \"VMCTL {cmd}\"")), "no section for vmctl {cmd}");
+    }
+    // Options of the commands, not only their names; nothing hidden.
+    assert!(page.contains("\\-\\-incremental") && page.contains("\\-\\-verbose"), "{page}");
+    assert!(!page.contains("__sink") && !page.contains("no\\-space\\-check"), "hidden commands leak: {page}");
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+}
+
+#[test]
+fn verbose_logs_timestamped_steps_to_stderr_and_quiet_logs_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("t");
+    let args = ["--qmp", "/nonexistent/qmp.sock", "backup", "--target", target.to_str().unwrap(), "--json"];
+    let out = vmctl(d.path(), &args);
+    assert_eq!(out.code, Some(3));
+    assert!(!out.stderr.contains("INFO"), "no log without -v: {}", out.stderr);
+    let mut verbose = vec!["-v"];
+    verbose.extend(args);
+    let out = vmctl(d.path(), &verbose);
+    assert_eq!(out.code, Some(3), "{}", out.stderr);
+    serde_json::from_str::<Value>(&out.stdout).expect("stdout stays JSON");
+    let line = out.stderr.lines().find(|l| l.contains("full backup of")).unwrap_or_else(|| panic!("{}", out.stderr));
+    // "HH:MM:SS.micros +elapsed ms  INFO step"
+    let (clock, rest) = line.split_once(' ').unwrap();
+    assert!(clock.len() == 15 && clock.as_bytes()[2] == b':' && clock.as_bytes()[8] == b'.', "{line}");
+    assert!(rest.trim_start().starts_with('+') && rest.contains("ms") && rest.contains("INFO"), "{line}");
+}
