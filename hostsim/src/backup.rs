@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::qga::{AgentInfo, Qga, QgaError};
 use crate::qmp::{Qmp, QmpError};
@@ -99,6 +99,9 @@ pub enum BackupError {
     /// Another vmctl is working on this target.
     #[error("another vmctl is taking a backup into {0}; wait for it")]
     Busy(String),
+    /// Another vmctl is backing up this VM.
+    #[error("another backup of the VM behind {0} is running (one at a time per VM); wait for it")]
+    VmBusy(String),
     /// qemu-img failed.
     #[error("qemu-img {what} failed: {detail} (apt-get install qemu-utils)")]
     QemuImg {
@@ -631,6 +634,63 @@ fn spawn_agent(req: &BackupRequest) -> Option<std::thread::JoinHandle<AgentReady
         .ok()
 }
 
+/// The per-VM backup lock, a file beside the VM's QMP socket (or, where that directory is
+/// not writable, in the temporary directory, named after the socket's path).
+fn lock_vm(qmp: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, BackupError> {
+    let beside = PathBuf::from(format!("{}.vmctl-backup.lock", qmp.display()));
+    let open = |p: &Path| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(p);
+    let file = open(&beside).or_else(|_| {
+        let abs = std::fs::canonicalize(qmp).unwrap_or_else(|_| qmp.to_path_buf());
+        open(&std::env::temp_dir().join(format!("vmctl-backup-{}.lock", sanitize(&abs.display().to_string()))))
+    });
+    let file = file.map_err(io_err(format!("cannot create a lock file for the VM of {}", qmp.display())))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| BackupError::VmBusy(qmp.display().to_string()))
+}
+
+/// Removes `.partial-*` directories a vmctl killed mid-backup left in the target (the target
+/// lock is held: no live vmctl is writing them).
+fn remove_partials(target: &Path) {
+    let Ok((_, debris)) = list(target) else { return };
+    for d in debris {
+        if d.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".partial-")) {
+            warn!("removing {}, left by a vmctl that did not finish", d.display());
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+}
+
+/// Block jobs and target nodes named by vmctl that are still in QEMU while the VM lock is
+/// held belong to a vmctl that died mid-backup (killed, or the host rebooted under it). A job
+/// it left could be throttled to nothing (jobs start held until the thaw) and would block
+/// the next job of the same name: cancel them and detach their targets.
+fn clean_up_after_a_dead_vmctl(qmp: &mut Qmp) -> Result<(), BackupError> {
+    let jobs: Vec<String> = qmp
+        .execute("query-jobs", None)?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| j["id"].as_str())
+        .filter(|id| id.starts_with("vmctl-"))
+        .map(String::from)
+        .collect();
+    let nodes: Vec<String> = qmp
+        .execute("query-named-block-nodes", Some(json!({"flat": true})))?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with("vmctl-target-"))
+        .map(String::from)
+        .collect();
+    if jobs.is_empty() && nodes.is_empty() {
+        return Ok(());
+    }
+    warn!("an earlier vmctl did not finish its backup: cancelling its jobs {jobs:?}, detaching {nodes:?}");
+    Attached { nodes, jobs }.cleanup(qmp);
+    Ok(())
+}
+
 /// Takes a backup. See the module's description for the flow.
 pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
     let t_start = Instant::now();
@@ -652,6 +712,10 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
         .map_err(io_err("cannot create the target's lock file"))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|_| BackupError::Busy(target.display().to_string()))?;
+    // One backup at a time per VM too: the jobs' names are per VM, and with this lock held
+    // whatever vmctl left in QEMU or in the target is from a vmctl that died.
+    let _vm_lock = lock_vm(&req.qmp)?;
+    remove_partials(&target);
     // Only once the target is ours: QEMU's agent chardev serves one client at a time.
     let agent = spawn_agent(req);
 
@@ -659,6 +723,7 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
     let (maj, min, mic) = qmp.version();
     let qemu_version = format!("{maj}.{min}.{mic}");
     info!("QMP connected: QEMU {qemu_version}");
+    clean_up_after_a_dead_vmctl(&mut qmp)?;
     let disks = query_disks(&mut qmp)?;
     for d in &disks {
         debug!(

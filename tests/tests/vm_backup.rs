@@ -324,6 +324,78 @@ fn qemu_killed_mid_backup_is_a_clear_error_and_leaves_no_backup() {
 }
 
 #[test]
+fn vmctl_killed_mid_backup_leaves_nothing_in_the_way_of_the_next() {
+    require_vm!();
+    let vm = TestVm::boot("vmctlkilled", VmOpts::default());
+    vm.wait_acks("e3", 10, Duration::from_secs(30));
+    let mut child = Command::new(bin("vmctl"))
+        .env("VMCTL_STATE_DIR", vm.state_dir())
+        .args(["backup", "vmctlkilled", "--bandwidth", "1", "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let partial = hidden_entries(&vm.backups());
+        if partial.len() == 1 && vm.backups().join(&partial[0]).join("data2.qcow2").exists() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backup never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(child.try_wait().unwrap().is_none(), "the backup should still be copying at 1 MiB/s");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    {
+        let mut q = vm.qmp();
+        let jobs = q.execute("query-jobs", None).unwrap();
+        assert!(!jobs.as_array().unwrap().is_empty(), "the dead vmctl's jobs are still in QEMU: {jobs}");
+    }
+    // The guest does not stay frozen: vmctl had thawed before copying.
+    assert_eq!(vm.fsstatus(), "thawed");
+
+    // The next backup cleans up after it and succeeds.
+    let v = vm.vmctl_json(&["backup", "vmctlkilled"], 0);
+    assert_ne!(v["consistency"], "crash", "{v}");
+    assert!(hidden_entries(&vm.backups()).is_empty(), "the dead vmctl's partial backup was removed");
+    let (ids, debris) = listed(&vm, None);
+    assert_eq!((ids.len(), debris), (1, 0), "{ids:?}");
+    let jobs = vm.qmp().execute("query-jobs", None).unwrap();
+    assert!(jobs.as_array().unwrap().is_empty(), "no job is left behind: {jobs}");
+    let verify = vm.vmctl_json(&["backup", "verify", backup_dir(&v).to_str().unwrap()], 0);
+    assert_eq!(verify["ok"], true, "{verify}");
+}
+
+#[test]
+fn a_second_backup_of_the_same_vm_is_refused_while_one_runs() {
+    require_vm!();
+    let vm = TestVm::boot("twobackups", VmOpts::default());
+    vm.wait_acks("e3", 10, Duration::from_secs(30));
+    let mut child = Command::new(bin("vmctl"))
+        .env("VMCTL_STATE_DIR", vm.state_dir())
+        .args(["backup", "twobackups", "--bandwidth", "1", "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hidden_entries(&vm.backups()).is_empty() {
+        assert!(Instant::now() < deadline, "the backup never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Into another target: the first one's jobs must not be mistaken for a dead vmctl's.
+    let other = vm.work().join("other-target");
+    let out = vm.vmctl(&["backup", "twobackups", "--target", other.to_str().unwrap()]);
+    out.expect_code(1, "a second backup of the same VM");
+    assert!(out.stderr.contains("another backup of the VM"), "{out:?}");
+    assert!(child.try_wait().unwrap().is_none(), "the first backup goes on");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
 fn a_full_target_is_a_clear_error_with_the_guest_thawed_and_nothing_listed() {
     require_vm!();
     let vm = TestVm::boot("fulltarget", VmOpts::default());
