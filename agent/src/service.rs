@@ -73,6 +73,32 @@ pub struct FreezeReport {
     pub mounts: Vec<MountReport>,
     pub apps: Vec<AppReport>,
     pub hooks: Vec<HookRun>,
+    /// When each step ended, in ms since the request: where a slow freeze spent its time.
+    pub steps: StepTimes,
+}
+
+/// Step name → milliseconds since the request, in the order the steps ended.
+pub type StepTimes = serde_json::Map<String, serde_json::Value>;
+
+/// Marks the end of each freeze step (shared with the blocking steps).
+struct StepClock {
+    t0: Instant,
+    marks: std::sync::Mutex<Vec<(&'static str, f64)>>,
+}
+
+impl StepClock {
+    fn new(t0: Instant) -> Self {
+        StepClock { t0, marks: std::sync::Mutex::new(Vec::new()) }
+    }
+    fn mark(&self, step: &'static str) {
+        let at = ms(self.t0.elapsed());
+        self.marks.lock().unwrap_or_else(|e| e.into_inner()).push((step, at));
+    }
+    fn report(&self) -> StepTimes {
+        let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        m.sort_by(|a, b| a.1.total_cmp(&b.1));
+        m.into_iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect()
+    }
 }
 
 /// A thaw vssd did by itself, kept for `vssd-status` and the host's next thaw.
@@ -362,18 +388,24 @@ impl Agent {
         engaged: &mut Engaged,
     ) -> Result<(Vec<FrozenFs>, FreezeReport), AgentError> {
         let t0 = Instant::now();
+        let clock = Arc::new(StepClock::new(t0));
         let app_policy = req.app_failure.unwrap_or(self.cfg.app_failure);
         let apps = self.apps.as_ref().filter(|a| a.count() > 0);
         let hook_list = hooks::discover(&self.cfg.hooks_dirs);
+        clock.mark("hooks-found");
         let mut app_reports = Vec::new();
         let (plan_elapsed, step) = match apps {
             None => {
                 let me = self.clone();
                 let req = req.clone();
                 let step_hooks = hook_list.clone();
+                let c = clock.clone();
                 let (planned, step) = tokio::task::spawn_blocking(move || match me.checked_plan(&req) {
                     Err(e) => (None, Err(e)),
-                    Ok(plan) => (Some(t0.elapsed()), me.fs_step(plan, &step_hooks, app_policy)),
+                    Ok(plan) => {
+                        c.mark("planned");
+                        (Some(t0.elapsed()), me.fs_step(plan, &step_hooks, app_policy, &c))
+                    }
                 })
                 .await
                 .map_err(|e| AgentError::Internal(format!("freeze task failed: {e}")))?;
@@ -389,17 +421,20 @@ impl Agent {
                 // once the plan stands, so a vetoed plan never has an app hold for nothing.
                 let me = self.clone();
                 let req2 = req.clone();
+                let c = clock.clone();
                 let planning = tokio::task::spawn_blocking(move || {
                     let plan = me.checked_plan(&req2);
+                    c.mark("planned");
                     (plan, t0.elapsed())
                 });
                 let (reports, plan, plan_elapsed) =
-                    self.apps_hold(apps, freeze_id, deadline, app_policy, engaged, planning).await?;
+                    self.apps_hold(apps, freeze_id, deadline, app_policy, engaged, planning, &clock).await?;
                 app_reports = reports;
                 debug!(apps = app_reports.len(), at_ms = ms(t0.elapsed()), "apps answered");
                 engaged.hooks = hook_list.clone();
                 let me = self.clone();
-                let step = tokio::task::spawn_blocking(move || me.fs_step(plan, &hook_list, app_policy))
+                let c = clock.clone();
+                let step = tokio::task::spawn_blocking(move || me.fs_step(plan, &hook_list, app_policy, &c))
                     .await
                     .map_err(|e| AgentError::Internal(format!("freeze task failed: {e}")))??;
                 (plan_elapsed, step)
@@ -427,6 +462,7 @@ impl Agent {
             mounts,
             apps: app_reports,
             hooks: hook_runs,
+            steps: clock.report(),
         };
         Ok((frozen, report))
     }
@@ -449,6 +485,7 @@ impl Agent {
     }
 
     /// PREPARE then FREEZE to every registered app; the merged report per app.
+    #[allow(clippy::too_many_arguments)]
     async fn apps_hold(
         &self,
         apps: &Apps,
@@ -457,8 +494,10 @@ impl Agent {
         app_policy: AppFailurePolicy,
         engaged: &mut Engaged,
         planning: tokio::task::JoinHandle<(Result<Plan, AgentError>, Duration)>,
+        clock: &StepClock,
     ) -> Result<(Vec<AppReport>, Plan, Duration), AgentError> {
         let prep = apps.prepare(freeze_id, self.cfg.app_prepare_deadline()).await;
+        clock.mark("apps-prepared");
         engaged.apps = prep.iter().filter(|r| r.outcome != Answer::Disconnected).map(|r| r.app_id).collect();
         let (plan, plan_elapsed) =
             planning.await.map_err(|e| AgentError::Internal(format!("plan task failed: {e}")))?;
@@ -471,6 +510,7 @@ impl Agent {
         }
         let max_hold = deadline.saturating_duration_since(Instant::now());
         let held = apps.freeze(&ready, freeze_id, self.cfg.app_freeze_deadline(), max_hold).await;
+        clock.mark("apps-held");
         if app_policy == AppFailurePolicy::Fail {
             if let Some(bad) = held.iter().find(|r| r.outcome != Answer::Held) {
                 return Err(AgentError::AppFailed(describe_app(bad, "FREEZE")));
@@ -499,8 +539,13 @@ impl Agent {
         plan: Plan,
         hook_list: &[PathBuf],
         app_policy: AppFailurePolicy,
+        clock: &StepClock,
     ) -> Result<(Vec<FrozenFs>, Vec<engine::FreezeTiming>, Vec<HookRun>, Plan), AgentError> {
+        clock.mark("fs-step");
         let runs = hooks::run(hook_list, "freeze", self.cfg.hook_deadline());
+        if !hook_list.is_empty() {
+            clock.mark("hooks-ran");
+        }
         if app_policy == AppFailurePolicy::Fail {
             if let Some(bad) = runs.iter().find(|r| r.outcome != HookOutcome::Ok) {
                 return Err(AgentError::HookFailed(format!(
@@ -531,10 +576,13 @@ impl Agent {
         } else {
             None
         };
+        clock.mark("rcu-expedited");
         self.marker
             .write(&planned, hook_list, expedite.is_some())
             .map_err(|source| AgentError::Marker { dir: self.cfg.state_dir.clone(), source })?;
+        clock.mark("marker-written");
         let result = engine::freeze(&self.kernel, &plan);
+        clock.mark("filesystems-frozen");
         if let Some(g) = expedite {
             if let Err(e) = g.restore() {
                 warn!(error = %e, "cannot turn expedited RCU grace periods off again");

@@ -54,6 +54,8 @@ struct Cycles {
     plan: Vec<f64>,
     apps: Vec<f64>,
     fifreeze: Vec<f64>,
+    /// vssd's `steps`: when each step ended, per cycle.
+    steps: Vec<(String, f64)>,
 }
 
 /// Runs `cycles` backups of `vm` and collects the figures.
@@ -97,6 +99,9 @@ fn cycles(vm: &TestVm, n: usize) -> Cycles {
             c.plan.push(r["plan-ms"].as_f64().unwrap_or(0.0));
             c.apps.push(max(&r["apps"], &["prepare-ms", "freeze-ms"]));
             c.fifreeze.push(max(&r["mounts"], &["freeze-ms"]));
+            for (k, v) in r["steps"].as_object().into_iter().flatten() {
+                c.steps.push((k.clone(), v.as_f64().unwrap_or(f64::NAN)));
+            }
         }
         let _ = std::fs::remove_dir_all(&target);
     }
@@ -136,7 +141,23 @@ fn first_answer_ms(vm: &TestVm, rounds: usize) -> f64 {
 }
 
 fn summary(c: &mut Cycles) -> Value {
+    let mut names: Vec<String> = Vec::new();
+    for (k, _) in &c.steps {
+        if !names.contains(k) {
+            names.push(k.clone());
+        }
+    }
+    let mut steps: Vec<(String, f64)> = names
+        .iter()
+        .map(|n| {
+            let mut v: Vec<f64> = c.steps.iter().filter(|(k, _)| k == n).map(|(_, v)| *v).collect();
+            (n.clone(), median(&mut v))
+        })
+        .collect();
+    steps.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let steps: Vec<Value> = steps.into_iter().map(|(n, v)| json!([n, v])).collect();
     json!({
+        "steps_ms": steps,
         "window_ms": median(&mut c.window),
         "freeze_ms": median(&mut c.freeze),
         "transaction_ms": median(&mut c.transaction),
@@ -262,6 +283,15 @@ fn main() {
         f(&s, "apps_ms"),
         f(&s, "fifreeze_ms")
     );
+    let steps: Vec<String> = s["steps_ms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| format!("{} {:.1}", p[0].as_str().unwrap_or("?"), p[1].as_f64().unwrap_or(f64::NAN)))
+        .collect();
+    if !steps.is_empty() {
+        println!("vssd's steps, ms since the request (medians): {}", steps.join(", "));
+    }
     println!(
         "vssd / qemu-ga: window {:.2}x, guest stall {:.2}x (target <= 0.5x)",
         r["freeze"]["window_ratio"].as_f64().unwrap(),
