@@ -377,6 +377,28 @@ pub fn suspend(ctx: &Ctx, a: &SuspendArgs) -> Result<u8, CliFailure> {
     Ok(0)
 }
 
+/// True when `vmctl suspend` saved the VM and it was not resumed since.
+pub fn is_suspended(ctx: &Ctx, vm: &str) -> bool {
+    open(ctx, vm).map(|v| ck::checkpoints_dir(&v).join(ck::SUSPEND_NAME).is_dir()).unwrap_or(false)
+}
+
+/// `vmctl start VM` of a suspended VM: resumes it (as `vmctl resume`), like a laptop's lid.
+pub fn start_suspended(ctx: &Ctx, vm: &str, wait_agent: Option<f64>) -> Result<u8, CliFailure> {
+    let v = open(ctx, vm)?;
+    let r = ck::resume(&v, true, Duration::from_secs(30))?;
+    let answered = wait_agent.map(|s| wait_for_agent(&v.agent_path(), secs(s)));
+    print_restored(ctx, &r, answered);
+    Ok(if answered == Some(false) { 1 } else { 0 })
+}
+
+/// `vmctl start VM --force-boot` of a suspended VM: the saved state is discarded first (its
+/// images stay while the live disks need them), so that a later start does not go back to it.
+pub fn discard_suspend(ctx: &Ctx, vm: &str) -> Result<(), CliFailure> {
+    let v = open(ctx, vm)?;
+    ck::delete(&v, ck::SUSPEND_NAME)?;
+    Ok(())
+}
+
 /// `vmctl resume VM`.
 pub fn resume(ctx: &Ctx, a: &ResumeArgs) -> Result<u8, CliFailure> {
     let vm = open(ctx, &a.vm)?;

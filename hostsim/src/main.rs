@@ -64,6 +64,10 @@ enum Cmd {
         /// Restore this checkpoint instead of booting (`vmctl checkpoint list VM` names them).
         #[arg(long, value_name = "NAME")]
         checkpoint: Option<String>,
+        /// A suspended VM: boot it afresh and discard the saved state, instead of resuming it
+        /// (which `vmctl start` does by default).
+        #[arg(long, conflicts_with = "checkpoint")]
+        force_boot: bool,
     },
     /// Power a VM off: ACPI power button, then QEMU `quit` after the timeout.
     Stop {
@@ -437,8 +441,17 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<u8, Fail> {
     match &cli.cmd {
         Cmd::Create(a) => create(cli, a),
-        Cmd::Start { name, wait_agent, checkpoint: Some(c) } => checkpoint_cli::start_from(&ck_ctx(cli), name, c, *wait_agent).map_err(ck_fail),
-        Cmd::Start { name, wait_agent, checkpoint: None } => {
+        Cmd::Start { name, wait_agent, checkpoint: Some(c), .. } => checkpoint_cli::start_from(&ck_ctx(cli), name, c, *wait_agent).map_err(ck_fail),
+        Cmd::Start { name, wait_agent, checkpoint: None, force_boot } => {
+            // Suspended: resume where it was, unless told to boot afresh.
+            if checkpoint_cli::is_suspended(&ck_ctx(cli), name) && Vm::open(&cli.state_dir, name).map_err(fail_vm)?.pid().is_none() {
+                if !*force_boot {
+                    tracing::info!("`{name}` is suspended: resuming it (--force-boot boots afresh)");
+                    return checkpoint_cli::start_suspended(&ck_ctx(cli), name, *wait_agent).map_err(ck_fail);
+                }
+                checkpoint_cli::discard_suspend(&ck_ctx(cli), name).map_err(ck_fail)?;
+                tracing::warn!("`{name}` was suspended: its saved state is discarded (--force-boot)");
+            }
             let vm = Vm::open(&cli.state_dir, name).map_err(fail_vm)?;
             let st = vm.start().map_err(fail_vm)?;
             let mut agent_ok = None;

@@ -251,7 +251,8 @@ impl TestVm {
             .unwrap_or_else(|e| panic!("{desc} printed no JSON ({e}):\n{}\n{}", out.stdout, out.stderr))
     }
 
-    fn wait_ready(&self, limit: Duration) {
+    /// Waits until the guest's init says "ready" (after a boot, e.g. `vmctl start --force-boot`).
+    pub fn wait_ready(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
             if fs::read_to_string(self.acks_path()).unwrap_or_default().lines().any(|l| l == "ready") {

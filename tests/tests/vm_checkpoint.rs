@@ -300,4 +300,25 @@ fn suspend_then_resume_continues_the_guest() {
     let r = vm.vmctl(&["resume", "cksusp"]);
     r.expect_code(2, "resume of a VM that is not suspended");
     assert!(r.stderr.contains("not suspended"), "{}", r.stderr);
+
+    // A plain `vmctl start` of a suspended VM resumes it, as a laptop opens where it was.
+    let before = wait_count(&vm, 1);
+    vm.vmctl_json(&["suspend", "cksusp"], 0);
+    let v = vm.vmctl_json(&["status", "cksusp"], 0);
+    assert_eq!(v["status"]["state"], "suspended", "{v}");
+    let r = vm.vmctl_json(&["start", "cksusp"], 0);
+    assert_eq!(r["run-state"], "running", "start resumed: {r}");
+    let c = assert_counting(&vm);
+    assert!(c >= before, "count {c}, suspended at {before}: the guest went on, it did not boot afresh");
+    assert!(names(&checkpoints(&vm).0).is_empty());
+
+    // --force-boot boots afresh and discards the saved state.
+    vm.vmctl_json(&["suspend", "cksusp"], 0);
+    vm.vmctl_json(&["start", "cksusp", "--force-boot"], 0);
+    vm.wait_ready(Duration::from_secs(90));
+    let (code, out) = vm.shell("cat /run/count", Duration::from_secs(30));
+    assert_ne!(code, 0, "a fresh boot has no counter file: {out}");
+    assert!(names(&checkpoints(&vm).0).is_empty(), "the suspend checkpoint was discarded");
+    let v = vm.vmctl_json(&["status", "cksusp"], 0);
+    assert_eq!(v["status"]["state"], "running", "{v}");
 }
