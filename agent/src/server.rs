@@ -172,33 +172,27 @@ fn open_port(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// A virtio-serial port: one channel for vssd's lifetime; hosts come and go.
+///
+/// While no host is connected the port reads EOF and polls as hung up (POLLHUP cannot be
+/// masked), and tokio's readiness keeps a hang-up forever (it is final for sockets), so the
+/// port is not registered with the runtime. A thread of its own waits on an edge-triggered
+/// epoll, which reports each wake-up of the port once: data, the host connecting or leaving,
+/// room to write. The port is read and written here without blocking, and every "nothing
+/// now" (EOF while the host is away, EAGAIN) waits for the next wake-up. So a host that
+/// connects is answered at once, and an idle port costs nothing.
 async fn serve_port(agent: Arc<Agent>, path: PathBuf, fd: OwnedFd) {
     let id = agent.new_channel_id();
-    let mut s = match FdStream::new(fd) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(port = %path.display(), error = %e, "cannot poll the virtio-serial port");
-            return;
-        }
-    };
+    let fd = Arc::new(fd);
+    let wake = Arc::new(tokio::sync::Notify::new());
+    if let Err(e) = spawn_port_watcher(fd.clone(), wake.clone()) {
+        warn!(port = %path.display(), error = %e, "cannot watch the virtio-serial port");
+        return;
+    }
     let mut buf = vec![0u8; 16 * 1024];
     let mut host_present = true;
     let mut session = Session::new(agent.clone(), id);
     loop {
-        // While the host is away the port reads EOF and polls as hung up, so readiness alone
-        // would spin: `read_port` clears it at EOF and the next read waits for the port's next
-        // wake-up (the host connecting, or its first bytes), which answers at once instead of
-        // after a polling interval. The timeout is only a safety net for a wake-up that never
-        // comes.
-        let read = if host_present {
-            s.read_port(&mut buf).await
-        } else {
-            match tokio::time::timeout(Duration::from_secs(1), s.read_port(&mut buf)).await {
-                Ok(r) => r,
-                Err(_) => continue,
-            }
-        };
-        match read {
+        match nix::unistd::read(fd.as_fd(), &mut buf) {
             Ok(n) if n > 0 => {
                 if !host_present {
                     host_present = true;
@@ -206,28 +200,81 @@ async fn serve_port(agent: Arc<Agent>, path: PathBuf, fd: OwnedFd) {
                     debug!(port = %path.display(), "host connected");
                 }
                 for reply in session.feed(&buf[..n]).await {
-                    if let Err(e) = s.write_all(&reply).await {
+                    if let Err(e) = write_port(&fd, &wake, &reply).await {
                         debug!(error = %e, "write to the port failed; the host went away");
                         break;
                     }
                 }
             }
-            Ok(_) | Err(_) => {
-                // The host side is closed: the port reads EOF (and polls as hung up) until it
-                // is back. Start afresh then: a half request from the old host means nothing.
+            Ok(_) => {
+                // EOF: the host side is closed until it comes back. Start afresh then: a half
+                // request from the old host means nothing.
                 if host_present {
                     host_present = false;
                     debug!(port = %path.display(), "host disconnected");
                     agent.channel_closed(id);
                     session = Session::new(agent.clone(), id);
                 }
-                if read.is_err() {
-                    // Not the EOF of an absent host: do not spin on a port in a strange state.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                wait_port(&wake).await;
+            }
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => wait_port(&wake).await,
+            Err(e) => {
+                // Not the EOF of an absent host: do not spin on a port in a strange state.
+                warn!(port = %path.display(), error = %e, "reading the virtio-serial port failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
+}
+
+/// Waits for the port's next wake-up. The timeout is only a safety net for a wake-up that
+/// never comes; a permit stored by a wake-up before this call returns at once.
+async fn wait_port(wake: &tokio::sync::Notify) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), wake.notified()).await;
+}
+
+/// Writes all of `data`, waiting for room (a port's buffer toward the host is small).
+async fn write_port(fd: &OwnedFd, wake: &tokio::sync::Notify, mut data: &[u8]) -> io::Result<()> {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !data.is_empty() {
+        match nix::unistd::write(fd.as_fd(), data) {
+            Ok(n) => data = &data[n..],
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {
+                if tokio::time::Instant::now() > give_up {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the host reads nothing"));
+                }
+                wait_port(wake).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The port's watcher: an edge-triggered epoll on its own thread, one notification per
+/// wake-up of the port.
+fn spawn_port_watcher(fd: Arc<OwnedFd>, wake: Arc<tokio::sync::Notify>) -> io::Result<()> {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    ep.add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLET, 0))?;
+    std::thread::Builder::new().name("vport-watch".into()).stack_size(64 * 1024).spawn(move || {
+        let _keep = fd;
+        let mut events = [EpollEvent::empty(); 4];
+        loop {
+            match ep.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) if n > 0 => wake.notify_one(),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    warn!(error = %e, "watching the virtio-serial port failed; falling back to polling");
+                    loop {
+                        std::thread::sleep(Duration::from_millis(200));
+                        wake.notify_one();
+                    }
+                }
+            }
+        }
+    })?;
+    Ok(())
 }
 
 /// Registers an owned descriptor with the runtime. `AsyncFd::new` is deprecated because a
@@ -246,26 +293,6 @@ pub struct FdStream {
 impl FdStream {
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
         Ok(FdStream { fd: async_fd(fd)? })
-    }
-
-    /// Reads like [`AsyncRead`], except that end of file also clears the readiness, so that
-    /// the next call waits for the descriptor's next wake-up instead of returning EOF again
-    /// at once (the registration is edge-triggered). For virtio-serial ports, whose EOF means
-    /// "no host right now", not "closed for good".
-    pub async fn read_port(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from)) {
-                Ok(Ok(0)) => {
-                    // Clears only if no new event arrived since `readable` returned: a host
-                    // that connected in between is not missed.
-                    guard.clear_ready();
-                    return Ok(0);
-                }
-                Ok(r) => return r,
-                Err(_would_block) => continue,
-            }
-        }
     }
 }
 

@@ -135,3 +135,40 @@ fn vssd_serves_vsock_inside_the_guest() {
     let out = vm.sh("vsock-qga 1:4444 guest-ping");
     assert!(out.contains("\"return\""), "{out}");
 }
+
+/// CPU time (clock ticks) vssd has used in the guest so far.
+fn vssd_cpu_ticks(vm: &TestVm) -> u64 {
+    let out = vm.sh("set -- $(cat /proc/$(pidof vssd)/stat); shift 13; echo $(( $1 + $2 ))");
+    out.trim().parse().unwrap_or_else(|_| panic!("no CPU figure from the guest: {out:?}"))
+}
+
+#[test]
+fn an_idle_vssd_uses_no_cpu_with_or_without_a_host_and_answers_a_new_host_at_once() {
+    require_vm!();
+    let vm = TestVm::boot("idle", VmOpts { writers: false, ..Default::default() });
+    // A virtio-serial port without a host reads EOF and polls as hung up for as long as the
+    // host stays away: an agent that polls it spins. Measure 3 s with no host, then 3 s with a
+    // host connected and silent. USER_HZ is 100: a spinning vssd would use ~300 ticks.
+    std::thread::sleep(Duration::from_secs(1));
+    let a = vssd_cpu_ticks(&vm);
+    std::thread::sleep(Duration::from_secs(3));
+    let b = vssd_cpu_ticks(&vm);
+    assert!(b - a <= 15, "vssd used {} ticks in 3 s with no host connected", b - a);
+
+    let mut g = Qga::connect(&vm.agent_path()).expect("agent channel");
+    assert!(g.execute("guest-ping", None, Duration::from_secs(10)).is_ok());
+    let c = vssd_cpu_ticks(&vm);
+    std::thread::sleep(Duration::from_secs(3));
+    let d = vssd_cpu_ticks(&vm);
+    assert!(d - c <= 15, "vssd used {} ticks in 3 s with a silent host connected", d - c);
+    drop(g);
+
+    // A new host is answered at once, not after a polling interval (generous: TCG).
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let mut g = Qga::connect(&vm.agent_path()).expect("agent channel");
+        g.execute("guest-ping", None, Duration::from_secs(10)).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1), "first answer after {:?}", t.elapsed());
+    }
+}
