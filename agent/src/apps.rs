@@ -157,7 +157,8 @@ impl Apps {
             Ok(Some(Ok(line))) => match serde_json::from_slice::<AppMessage>(&line) {
                 Ok(AppMessage::Hello { id, name, min_version, max_version }) => {
                     if name.is_empty() || name.len() > proto::MAX_NAME_BYTES || name.chars().any(char::is_control) {
-                        let m = format!("the name must be 1 to {} bytes without control characters", proto::MAX_NAME_BYTES);
+                        let m =
+                            format!("the name must be 1 to {} bytes without control characters", proto::MAX_NAME_BYTES);
                         return fatal(&mut wr, Some(id), ErrorCode::BadHello, m).await;
                     }
                     match proto::negotiate(min_version, max_version) {
@@ -172,11 +173,19 @@ impl Apps {
                         }
                     }
                 }
-                Ok(_) => return fatal(&mut wr, None, ErrorCode::BadHello, "the first message must be a hello".into()).await,
+                Ok(_) => {
+                    return fatal(&mut wr, None, ErrorCode::BadHello, "the first message must be a hello".into()).await
+                }
                 Err(e) => return fatal(&mut wr, None, ErrorCode::BadHello, format!("not a hello: {e}")).await,
             },
             Ok(Some(Err(too_long))) => {
-                return fatal(&mut wr, None, ErrorCode::TooLarge, format!("hello of {too_long} bytes is over the limit")).await
+                return fatal(
+                    &mut wr,
+                    None,
+                    ErrorCode::TooLarge,
+                    format!("hello of {too_long} bytes is over the limit"),
+                )
+                .await
             }
             Ok(None) => return,
             Err(_) => return fatal(&mut wr, None, ErrorCode::BadHello, "no hello within 10 s".into()).await,
@@ -189,7 +198,10 @@ impl Apps {
                 Err(of_uid)
             } else {
                 let app_id = self.next_app.fetch_add(1, Ordering::Relaxed);
-                conns.insert(app_id, Conn { name: name.clone(), uid, pid, out: tx.clone(), pending: HashMap::new(), next_id: 1 });
+                conns.insert(
+                    app_id,
+                    Conn { name: name.clone(), uid, pid, out: tx.clone(), pending: HashMap::new(), next_id: 1 },
+                );
                 Ok(app_id)
             }
         };
@@ -216,7 +228,10 @@ impl Apps {
                     let _ = tx.send(AgentMessage::Error {
                         re: None,
                         code: ErrorCode::TooLarge,
-                        message: format!("message of {len} bytes is over the limit of {} bytes; ignored", proto::MAX_MESSAGE_BYTES),
+                        message: format!(
+                            "message of {len} bytes is over the limit of {} bytes; ignored",
+                            proto::MAX_MESSAGE_BYTES
+                        ),
                         fatal: false,
                     });
                     continue;
@@ -426,7 +441,10 @@ fn bind(s: &AppSettings) -> io::Result<UnixListener> {
     }
     if std::fs::symlink_metadata(&s.socket).is_ok() {
         if std::os::unix::net::UnixStream::connect(&s.socket).is_ok() {
-            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is served by another process", s.socket.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is served by another process", s.socket.display()),
+            ));
         }
         std::fs::remove_file(&s.socket)?;
     }

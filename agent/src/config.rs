@@ -26,9 +26,9 @@ pub enum ChannelSpec {
 impl std::str::FromStr for ChannelSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, rest) = s.split_once(':').ok_or_else(|| {
-            format!("channel `{s}` needs a kind: unix:PATH, virtio-serial:NAME or vsock:PORT")
-        })?;
+        let (kind, rest) = s
+            .split_once(':')
+            .ok_or_else(|| format!("channel `{s}` needs a kind: unix:PATH, virtio-serial:NAME or vsock:PORT"))?;
         match kind {
             "unix" if !rest.is_empty() => Ok(ChannelSpec::Unix(rest.into())),
             "virtio-serial" if !rest.is_empty() => Ok(ChannelSpec::VirtioSerial(rest.into())),
@@ -296,7 +296,11 @@ mod tests {
     fn file_keys_override_defaults_and_unknown_keys_are_errors() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c.toml");
-        std::fs::write(&p, "scope = \"/srv\"\nfreeze-deadline = 5\ncannot-freeze = \"veto\"\nchannels = [\"vsock:9\"]\n").unwrap();
+        std::fs::write(
+            &p,
+            "scope = \"/srv\"\nfreeze-deadline = 5\ncannot-freeze = \"veto\"\nchannels = [\"vsock:9\"]\n",
+        )
+        .unwrap();
         let c = Config::load(&p, true).unwrap();
         assert_eq!(c.scope, Path::new("/srv"));
         assert_eq!(c.freeze_deadline(), Duration::from_secs(5));

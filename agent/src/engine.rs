@@ -402,7 +402,8 @@ mod tests {
 
     #[test]
     fn thawing_a_filesystem_someone_else_thawed_is_not_an_error() {
-        let k: Arc<dyn Kernel> = Arc::new(FakeKernel { fail_thaw: vec![("/s/other".into(), libc::EINVAL)], ..Default::default() });
+        let k: Arc<dyn Kernel> =
+            Arc::new(FakeKernel { fail_thaw: vec![("/s/other".into(), libc::EINVAL)], ..Default::default() });
         let (frozen, _) = freeze(&k, &stacked_plan()).unwrap();
         assert!(thaw(&k, &frozen).errors.is_empty());
     }

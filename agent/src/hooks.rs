@@ -80,7 +80,9 @@ pub fn run(hooks: &[PathBuf], phase: &'static str, deadline: Duration) -> Vec<Ho
         let failed = r.outcome != HookOutcome::Ok;
         match r.outcome {
             HookOutcome::Ok => info!(hook = %r.path, phase, ms = r.ms, "hook done"),
-            _ => warn!(hook = %r.path, phase, outcome = ?r.outcome, exit = ?r.exit_code, output = %r.output, "hook failed"),
+            _ => {
+                warn!(hook = %r.path, phase, outcome = ?r.outcome, exit = ?r.exit_code, output = %r.output, "hook failed")
+            }
         }
         out.push(r);
         if failed && phase == "freeze" {

@@ -27,7 +27,10 @@ use vssd::service::Agent;
 /// Exit codes: 0 stopped cleanly (thawed first), 1 runtime error (a channel could not be
 /// opened), 2 bad usage or configuration.
 #[derive(Parser, Debug)]
-#[command(version, after_help = "Examples:\n  vssd                                   # virtio-serial port org.qemu.guest_agent.0\n  vssd --channel vsock:4444 --channel virtio-serial:org.qemu.guest_agent.0\n  vssd --channel unix:/run/vssd/test.sock --scope /srv/data --freeze-deadline 10")]
+#[command(
+    version,
+    after_help = "Examples:\n  vssd                                   # virtio-serial port org.qemu.guest_agent.0\n  vssd --channel vsock:4444 --channel virtio-serial:org.qemu.guest_agent.0\n  vssd --channel unix:/run/vssd/test.sock --scope /srv/data --freeze-deadline 10"
+)]
 struct Cli {
     /// Config file (TOML). Missing default file: built-in defaults.
     #[arg(long, value_name = "FILE")]

@@ -38,7 +38,8 @@ impl Marker {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let data = MarkerData { pid: std::process::id(), filesystems: fs.to_vec(), hooks: hooks.to_vec(), rcu_expedited };
+        let data =
+            MarkerData { pid: std::process::id(), filesystems: fs.to_vec(), hooks: hooks.to_vec(), rcu_expedited };
         let tmp = self.path.with_extension("json.tmp");
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&serde_json::to_vec(&data).map_err(std::io::Error::other)?)?;
@@ -76,7 +77,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let m = Marker::new(d.path().join("sub/frozen.json"));
         assert!(m.read().is_none());
-        let fs = vec![FrozenFs { mount_point: "/a".into(), fstype: "ext4".into(), dev: "7:1".parse().unwrap(), level: 0 }];
+        let fs =
+            vec![FrozenFs { mount_point: "/a".into(), fstype: "ext4".into(), dev: "7:1".parse().unwrap(), level: 0 }];
         m.write(&fs, &[], false).unwrap();
         let back = m.read().unwrap();
         assert_eq!(back.filesystems, fs);

@@ -154,22 +154,68 @@ pub enum PlanError {
 
 /// Filesystems that hold no disk data: never frozen, never reported as a problem.
 const PSEUDO: &[&str] = &[
-    "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts", "devtmpfs",
-    "efivarfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "overlay", "pipefs", "proc", "pstore", "ramfs",
-    "rpc_pipefs", "securityfs", "selinuxfs", "sockfs", "sysfs", "tmpfs", "tracefs", "rootfs", "nfsd",
-    "squashfs", "erofs", "iso9660", "cramfs", "zonefs",
+    "autofs",
+    "binfmt_misc",
+    "bpf",
+    "cgroup",
+    "cgroup2",
+    "configfs",
+    "debugfs",
+    "devpts",
+    "devtmpfs",
+    "efivarfs",
+    "fusectl",
+    "hugetlbfs",
+    "mqueue",
+    "nsfs",
+    "overlay",
+    "pipefs",
+    "proc",
+    "pstore",
+    "ramfs",
+    "rpc_pipefs",
+    "securityfs",
+    "selinuxfs",
+    "sockfs",
+    "sysfs",
+    "tmpfs",
+    "tracefs",
+    "rootfs",
+    "nfsd",
+    "squashfs",
+    "erofs",
+    "iso9660",
+    "cramfs",
+    "zonefs",
 ];
 
 /// Filesystems whose data lives on another machine: freezing them here means nothing.
 const NETWORK: &[&str] = &[
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "virtiofs", "afs", "ncpfs", "lustre",
-    "gpfs", "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "fuse.rclone", "fuse.ceph-fuse", "fuse.gcsfuse",
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "ceph",
+    "glusterfs",
+    "9p",
+    "virtiofs",
+    "afs",
+    "ncpfs",
+    "lustre",
+    "gpfs",
+    "fuse.sshfs",
+    "fuse.glusterfs",
+    "fuse.s3fs",
+    "fuse.rclone",
+    "fuse.ceph-fuse",
+    "fuse.gcsfuse",
 ];
 
 /// Local filesystems known to lack FIFREEZE support (the kernel answers EOPNOTSUPP).
 const NO_FREEZE: &[&str] = &[
-    "vfat", "msdos", "fat", "exfat", "ntfs", "ntfs3", "hfs", "hfsplus", "udf", "minix", "fuseblk", "fuse",
-    "ufs", "qnx4", "qnx6", "omfs", "bfs", "befs", "affs", "adfs", "sysv",
+    "vfat", "msdos", "fat", "exfat", "ntfs", "ntfs3", "hfs", "hfsplus", "udf", "minix", "fuseblk", "fuse", "ufs",
+    "qnx4", "qnx6", "omfs", "bfs", "befs", "affs", "adfs", "sysv",
 ];
 
 fn under(path: &Path, prefix: &Path) -> bool {
@@ -203,16 +249,15 @@ fn classify_type(fstype: &str) -> Option<Outcome> {
 ///
 /// `backing` answers, for a freezable filesystem, the superblock device(s) that hold its
 /// backing files (see [`backing_devs`]); it is a parameter so tests can describe stacks.
-pub fn plan(
-    mounts: &[Mount],
-    opts: &PlanOptions,
-    backing: &dyn Fn(&Mount) -> Vec<DevId>,
-) -> Result<Plan, PlanError> {
+pub fn plan(mounts: &[Mount], opts: &PlanOptions, backing: &dyn Fn(&Mount) -> Vec<DevId>) -> Result<Plan, PlanError> {
     let scope = &opts.scope;
     if let Some(only) = &opts.only {
         for p in only {
             if !under(p, scope) {
-                return Err(PlanError::OutsideScope { path: p.display().to_string(), scope: scope.display().to_string() });
+                return Err(PlanError::OutsideScope {
+                    path: p.display().to_string(),
+                    scope: scope.display().to_string(),
+                });
             }
             if !mounts.iter().any(|m| &m.mount_point == p) {
                 return Err(PlanError::NotAMountPoint(p.display().to_string()));
@@ -294,7 +339,10 @@ pub fn plan(
         }
         // Freeze through a reachable mount: the one the request named, else the first.
         let reachable: Vec<usize> = inside.iter().copied().filter(|&i| !hidden(i)).collect();
-        let named = opts.only.as_ref().and_then(|only| reachable.iter().copied().find(|&i| only.contains(&mounts[i].mount_point)));
+        let named = opts
+            .only
+            .as_ref()
+            .and_then(|only| reachable.iter().copied().find(|&i| only.contains(&mounts[i].mount_point)));
         let Some(rep) = named.or_else(|| reachable.first().copied()) else {
             set(Outcome::Skipped("hidden: another mount sits on top of it at the same path".into()), &mut outcome);
             continue;

@@ -97,7 +97,10 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
     if let Ok(md) = std::fs::symlink_metadata(path) {
         if md.file_type().is_socket() {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(err(io::Error::new(io::ErrorKind::AddrInUse, "another process is serving it (is vssd already running?)")));
+                return Err(err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is serving it (is vssd already running?)",
+                )));
             }
             std::fs::remove_file(path).map_err(err)?;
         }

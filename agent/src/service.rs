@@ -21,11 +21,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::apps::{Answer, AppReport, Apps};
 use crate::config::{AppFailurePolicy, Config};
-use crate::hooks::{self, HookOutcome, HookRun};
-use appvss::proto::ThawReason;
 use crate::engine::{self, AutoThawReason, FrozenFs, FrozenState, Kernel, Lifecycle};
+use crate::hooks::{self, HookOutcome, HookRun};
 use crate::marker::Marker;
 use crate::plan::{self, CannotFreezePolicy, Outcome, Plan, PlanOptions};
+use appvss::proto::ThawReason;
 
 /// A freeze request, whichever command it came from.
 #[derive(Debug, Clone, Default)]
@@ -215,7 +215,12 @@ impl Agent {
             cfg,
             kernel,
             op: tokio::sync::Mutex::new(()),
-            inner: Mutex::new(Inner { life: Lifecycle::Thawed, last_auto_thaw: None, notice: None, disconnected: HashSet::new() }),
+            inner: Mutex::new(Inner {
+                life: Lifecycle::Thawed,
+                last_auto_thaw: None,
+                notice: None,
+                disconnected: HashSet::new(),
+            }),
             generation: AtomicU64::new(0),
             next_channel: AtomicU64::new(1),
             marker,
@@ -411,7 +416,9 @@ impl Agent {
                 .map_err(|e| AgentError::Internal(format!("freeze task failed: {e}")))?;
                 let Some(plan_elapsed) = planned else {
                     // Planning failed: no hook ran, nothing to release.
-                    return Err(step.err().unwrap_or_else(|| AgentError::Internal("plan failed without an error".into())));
+                    return Err(step
+                        .err()
+                        .unwrap_or_else(|| AgentError::Internal("plan failed without an error".into())));
                 };
                 engaged.hooks = hook_list;
                 (plan_elapsed, step?)
@@ -839,7 +846,8 @@ mod tests {
 
     fn agent(dir: &Path, knob_initial: &str, expedite: bool) -> (Arc<Agent>, Arc<KnobWatcher>, PathBuf) {
         let mi = dir.join("mountinfo");
-        std::fs::write(&mi, "10 1 7:0 / /s/a rw - ext4 /dev/loop0 rw\n11 1 7:1 / /s/b rw - xfs /dev/loop1 rw\n").unwrap();
+        std::fs::write(&mi, "10 1 7:0 / /s/a rw - ext4 /dev/loop0 rw\n11 1 7:1 / /s/b rw - xfs /dev/loop1 rw\n")
+            .unwrap();
         let sys = dir.join("sys");
         std::fs::create_dir_all(sys.join("kernel")).unwrap();
         let knob = kmod_shim::rcu::knob(&sys);

@@ -131,7 +131,8 @@ mod tests {
             String::from_utf8(encode(&f)).unwrap(),
             "{\"type\":\"freeze\",\"id\":7,\"freeze_id\":3,\"deadline_ms\":10000,\"max_hold_ms\":60000}\n"
         );
-        let t: AgentMessage = serde_json::from_str("{\"type\":\"thaw\",\"id\":9,\"freeze_id\":3,\"reason\":\"aborted\"}").unwrap();
+        let t: AgentMessage =
+            serde_json::from_str("{\"type\":\"thaw\",\"id\":9,\"freeze_id\":3,\"reason\":\"aborted\"}").unwrap();
         assert_eq!(t, AgentMessage::Thaw { id: 9, freeze_id: 3, reason: ThawReason::Aborted });
     }
 

@@ -401,7 +401,8 @@ impl Manifest {
         }
         let sections = v["sections"].as_object().ok_or_else(|| bad("no section versions".into()))?;
         for (s, supported) in SECTIONS {
-            let found = sections.get(s).and_then(Value::as_u64).ok_or_else(|| bad(format!("no version for section `{s}`")))?;
+            let found =
+                sections.get(s).and_then(Value::as_u64).ok_or_else(|| bad(format!("no version for section `{s}`")))?;
             if found == 0 || found > supported as u64 {
                 return Err(CheckpointError::UnknownVersion {
                     name: name.into(),
@@ -418,8 +419,10 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Manifest, CheckpointError> {
         let path = dir.join(MANIFEST);
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| CheckpointError::BadManifest { path: path.display().to_string(), why: format!("cannot read it: {e}") })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::BadManifest {
+            path: path.display().to_string(),
+            why: format!("cannot read it: {e}"),
+        })?;
         Manifest::parse(&text, &path, &name)
     }
 
@@ -478,7 +481,12 @@ fn fill<R: Read + ?Sized>(input: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 /// never sees a complete stream. With `stop_on_write_error`, a failed write ends the copy;
 /// without it the input is still read to its end and hashed (the caller wants to know whether
 /// the input was good).
-pub fn pump<R, W>(mut input: R, output: &mut W, expect: Option<&Digest>, stop_on_write_error: bool) -> io::Result<Pumped>
+pub fn pump<R, W>(
+    mut input: R,
+    output: &mut W,
+    expect: Option<&Digest>,
+    stop_on_write_error: bool,
+) -> io::Result<Pumped>
 where
     R: Read,
     W: Write + ?Sized,
@@ -604,8 +612,17 @@ pub fn sink_stream<R: Read>(input: R, out: &Path, report: &Path) -> u8 {
     })();
     let ms = util::ms(t0.elapsed());
     let rep = match r {
-        Ok(p) => StreamReport { ok: true, size: p.digest.size, blake3: p.digest.blake3, written: p.written, ms, ..Default::default() },
-        Err(e) => StreamReport { ok: false, error: Some(format!("writing {}: {e}", out.display())), ms, ..Default::default() },
+        Ok(p) => StreamReport {
+            ok: true,
+            size: p.digest.size,
+            blake3: p.digest.blake3,
+            written: p.written,
+            ms,
+            ..Default::default()
+        },
+        Err(e) => {
+            StreamReport { ok: false, error: Some(format!("writing {}: {e}", out.display())), ms, ..Default::default() }
+        }
     };
     write_report(report, &rep);
     if rep.ok {
@@ -643,7 +660,12 @@ pub fn source_stream<W: Write>(input: &Path, expect: &Digest, mut out: W, report
         Ok(p) => {
             let matched = p.digest == *expect;
             let error = if !matched {
-                Some(format!("{} does not match its manifest (size {}, BLAKE3 {})", input.display(), p.digest.size, p.digest.blake3))
+                Some(format!(
+                    "{} does not match its manifest (size {}, BLAKE3 {})",
+                    input.display(),
+                    p.digest.size,
+                    p.digest.blake3
+                ))
             } else {
                 p.write_error.as_ref().map(|e| format!("QEMU stopped reading the stream: {e}"))
             };
@@ -667,7 +689,15 @@ pub fn source_stream<W: Write>(input: &Path, expect: &Digest, mut out: W, report
                 code,
             )
         }
-        Err(e) => (StreamReport { ok: false, error: Some(format!("reading {}: {e}", input.display())), ms, ..Default::default() }, 1),
+        Err(e) => (
+            StreamReport {
+                ok: false,
+                error: Some(format!("reading {}: {e}", input.display())),
+                ms,
+                ..Default::default()
+            },
+            1,
+        ),
     };
     write_report(report, &rep);
     code
@@ -806,20 +836,24 @@ fn canon(p: &Path) -> PathBuf {
 
 /// An image's backing chain, top first, as qemu-img reads it (`-U`: the image may be in use).
 pub fn image_chain(top: &Path) -> Result<Vec<(PathBuf, String)>, CheckpointError> {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--backing-chain", "--output=json"])
-        .arg(top)
-        .output()
-        .map_err(|e| CheckpointError::QemuImg { what: "info".into(), detail: format!("cannot run qemu-img: {e}") })?;
+    let out =
+        Command::new("qemu-img").args(["info", "-U", "--backing-chain", "--output=json"]).arg(top).output().map_err(
+            |e| CheckpointError::QemuImg { what: "info".into(), detail: format!("cannot run qemu-img: {e}") },
+        )?;
     if !out.status.success() {
-        return Err(CheckpointError::QemuImg { what: "info".into(), detail: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(CheckpointError::QemuImg {
+            what: "info".into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     let v: Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| CheckpointError::QemuImg { what: "info".into(), detail: format!("unreadable output: {e}") })?;
     Ok(v.as_array()
         .into_iter()
         .flatten()
-        .map(|i| (PathBuf::from(i["filename"].as_str().unwrap_or("")), i["format"].as_str().unwrap_or("raw").to_string()))
+        .map(|i| {
+            (PathBuf::from(i["filename"].as_str().unwrap_or("")), i["format"].as_str().unwrap_or("raw").to_string())
+        })
         .collect())
 }
 
@@ -841,7 +875,11 @@ pub fn collect_garbage(vm: &Vm) -> Result<Vec<PathBuf>, CheckpointError> {
     let Ok(rd) = std::fs::read_dir(&dir) else { return Ok(Vec::new()) };
     let mut keep = live_images(vm)?;
     let listing = list(vm)?;
-    if !listing.leftovers.iter().all(|(p, _)| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(TMP_PREFIX))) {
+    if !listing
+        .leftovers
+        .iter()
+        .all(|(p, _)| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(TMP_PREFIX)))
+    {
         // A checkpoint this vmctl cannot read may still need its images.
         return Ok(Vec::new());
     }
@@ -855,7 +893,8 @@ pub fn collect_garbage(vm: &Vm) -> Result<Vec<PathBuf>, CheckpointError> {
     let mut removed = Vec::new();
     for e in rd.flatten() {
         let p = e.path();
-        if p.extension().is_some_and(|x| x == "qcow2") && !keep.contains(&canon(&p)) && std::fs::remove_file(&p).is_ok() {
+        if p.extension().is_some_and(|x| x == "qcow2") && !keep.contains(&canon(&p)) && std::fs::remove_file(&p).is_ok()
+        {
             removed.push(p);
         }
     }
@@ -909,19 +948,21 @@ fn remove_dir(dir: &Path) -> Result<(), CheckpointError> {
 
 /// "QEMU emulator version 7.2.22 (Debian ...)" or "7.2.22" → (7, 2, 22).
 pub fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
-    let word = s.split_whitespace().find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.'))?;
+    let word =
+        s.split_whitespace().find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.'))?;
     let mut it = word.split('.').map(|x| x.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>());
     Some((it.next()?.ok()?, it.next()?.ok()?, it.next().and_then(|x| x.ok()).unwrap_or(0)))
 }
 
 /// The version a QEMU binary reports with `--version`.
 pub fn binary_version(qemu: &str) -> Result<(String, (u64, u64, u64)), CheckpointError> {
-    let out = Command::new(qemu)
-        .arg("--version")
-        .output()
-        .map_err(|e| CheckpointError::Io { what: format!("cannot run {qemu} --version (apt-get install qemu-system-x86)"), source: e })?;
+    let out = Command::new(qemu).arg("--version").output().map_err(|e| CheckpointError::Io {
+        what: format!("cannot run {qemu} --version (apt-get install qemu-system-x86)"),
+        source: e,
+    })?;
     let text = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
-    let v = parse_version(&text).ok_or_else(|| CheckpointError::Migration(format!("cannot read the version of {qemu}: {text:?}")))?;
+    let v = parse_version(&text)
+        .ok_or_else(|| CheckpointError::Migration(format!("cannot read the version of {qemu}: {text:?}")))?;
     Ok((text, v))
 }
 
@@ -943,7 +984,9 @@ fn wait_migration(qmp: &mut Qmp, limit: Duration, stage: &str, target: &str) -> 
     loop {
         let ended = |e: &crate::qmp::Event| {
             e.name == "MIGRATION"
-                && e.data["status"].as_str().is_some_and(|st| st == target || matches!(st, "completed" | "failed" | "cancelled"))
+                && e.data["status"]
+                    .as_str()
+                    .is_some_and(|st| st == target || matches!(st, "completed" | "failed" | "cancelled"))
         };
         let ev = qmp.wait_event(Duration::from_millis(250), ended).map_err(qmp_gone(stage))?;
         let r = qmp.execute("query-migrate", None).map_err(qmp_gone(stage))?;
@@ -989,8 +1032,11 @@ fn enable_migration_events(qmp: &mut Qmp) -> Result<(), CheckpointError> {
 /// `migrate-continue`, disks still active; the overlays are taken there. Always set
 /// explicitly (on or off): a QEMU left with it on would hang the next plain save.
 fn set_pause_before_switchover(qmp: &mut Qmp, on: bool) -> Result<(), QmpError> {
-    qmp.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "pause-before-switchover", "state": on}]})))
-        .map(|_| ())
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "pause-before-switchover", "state": on}]})),
+    )
+    .map(|_| ())
 }
 
 /// Backups' persistent dirty bitmaps stay with the image they were made on, which turns read
@@ -1013,7 +1059,12 @@ fn bitmap_actions(d: &LiveDisk, node: &str) -> Vec<Value> {
 
 /// One transaction: every disk's overlay, or none. Then vm.toml names the overlays, since
 /// the VM writes to them from now on. Returns the transaction's milliseconds.
-fn take_overlays(qmp: &mut Qmp, vm: &Vm, disks: &[LiveDisk], plan: &[(PathBuf, String)]) -> Result<f64, CheckpointError> {
+fn take_overlays(
+    qmp: &mut Qmp,
+    vm: &Vm,
+    disks: &[LiveDisk],
+    plan: &[(PathBuf, String)],
+) -> Result<f64, CheckpointError> {
     let t = Instant::now();
     let actions: Vec<Value> = disks
         .iter()
@@ -1026,7 +1077,8 @@ fn take_overlays(qmp: &mut Qmp, vm: &Vm, disks: &[LiveDisk], plan: &[(PathBuf, S
         })
         .collect();
     if !actions.is_empty() {
-        qmp.execute("transaction", Some(json!({"actions": actions}))).map_err(qmp_gone("during the overlays' transaction"))?;
+        qmp.execute("transaction", Some(json!({"actions": actions})))
+            .map_err(qmp_gone("during the overlays' transaction"))?;
     }
     let ms = util::ms(t.elapsed());
     tracing::info!("disk overlays taken (and backups' bitmaps carried onto them) in {ms:.1} ms");
@@ -1063,15 +1115,18 @@ fn live_disks(qmp: &mut Qmp, vm: &Vm) -> Result<Vec<LiveDisk>, CheckpointError> 
     };
     let mut out = Vec::new();
     for d in &vm.config.disks {
-        let b = blocks
-            .iter()
-            .find(|b| id_of(b) == d.name)
-            .ok_or_else(|| CheckpointError::Disks(format!("QEMU has no device vd-{} for disk `{}` of the config", d.name, d.name)))?;
-        let ins = b.get("inserted").ok_or_else(|| CheckpointError::Disks(format!("disk `{}` has no medium", d.name)))?;
+        let b = blocks.iter().find(|b| id_of(b) == d.name).ok_or_else(|| {
+            CheckpointError::Disks(format!("QEMU has no device vd-{} for disk `{}` of the config", d.name, d.name))
+        })?;
+        let ins =
+            b.get("inserted").ok_or_else(|| CheckpointError::Disks(format!("disk `{}` has no medium", d.name)))?;
         let mut chain = Vec::new();
         let mut img = &ins["image"];
         while img.is_object() {
-            chain.push((PathBuf::from(img["filename"].as_str().unwrap_or("")), img["format"].as_str().unwrap_or("raw").to_string()));
+            chain.push((
+                PathBuf::from(img["filename"].as_str().unwrap_or("")),
+                img["format"].as_str().unwrap_or("raw").to_string(),
+            ));
             img = &img["backing-image"];
         }
         let bitmaps = ins["dirty-bitmaps"]
@@ -1235,7 +1290,11 @@ pub fn create(vm: &Vm, req: &CreateRequest) -> Result<Created, CheckpointError> 
         let mut f = std::fs::File::create(&mp).map_err(io_err("cannot write the manifest"))?;
         f.write_all(&text).and_then(|_| f.sync_all()).map_err(io_err("cannot write the manifest"))?;
         util::fsync_dir(&tmp).map_err(io_err("cannot sync the checkpoint"))?;
-        std::fs::rename(&tmp, &final_dir).map_err(io_err(format!("cannot rename {} to {}", tmp.display(), final_dir.display())))?;
+        std::fs::rename(&tmp, &final_dir).map_err(io_err(format!(
+            "cannot rename {} to {}",
+            tmp.display(),
+            final_dir.display()
+        )))?;
         util::fsync_dir(&cdir).map_err(io_err("cannot sync the checkpoints directory"))
     })();
     if let Err(e) = finish {
@@ -1276,8 +1335,12 @@ fn freeze(vm: &Vm, req: &CreateRequest, running: bool) -> Result<(Option<Freeze>
         g.sync_timeout = req.agent_timeout;
         let info = g.info(req.agent_timeout).map_err(|e| e.to_string())?;
         let r = if info.is_vssd {
-            g.execute("vssd-freeze", Some(json!({"deadline": req.freeze_deadline.as_secs_f64()})), Duration::from_secs(60))
-                .map(|r| r["frozen"].as_u64())
+            g.execute(
+                "vssd-freeze",
+                Some(json!({"deadline": req.freeze_deadline.as_secs_f64()})),
+                Duration::from_secs(60),
+            )
+            .map(|r| r["frozen"].as_u64())
         } else {
             g.execute("guest-fsfreeze-freeze", None, Duration::from_secs(60)).map(|r| r.as_u64())
         };
@@ -1331,15 +1394,22 @@ fn create_in(
     let running = match run_state.as_str() {
         "running" => true,
         "paused" => false,
-        s => return Err(CheckpointError::Migration(format!("VM `{}` is {s}: a checkpoint needs it running or paused", vm.config.name))),
+        s => {
+            return Err(CheckpointError::Migration(format!(
+                "VM `{}` is {s}: a checkpoint needs it running or paused",
+                vm.config.name
+            )))
+        }
     };
     let disks = live_disks(&mut qmp, vm)?;
     let ovdir = overlays_dir(vm);
     std::fs::create_dir_all(&ovdir).map_err(io_err(format!("cannot create {}", ovdir.display())))?;
     let (_, stamp) = util::timestamps(SystemTime::now());
     let stamp_n = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-    let plan: Vec<(PathBuf, String)> =
-        disks.iter().map(|d| (ovdir.join(format!("{}-{stamp}-after-{name}.qcow2", d.name)), node_name(&d.name, stamp_n))).collect();
+    let plan: Vec<(PathBuf, String)> = disks
+        .iter()
+        .map(|d| (ovdir.join(format!("{}-{stamp}-after-{name}.qcow2", d.name)), node_name(&d.name, stamp_n)))
+        .collect();
     let old_params = qmp.execute("query-migrate-parameters", None)?;
     enable_migration_events(&mut qmp)?;
     let live = req.live && running;
@@ -1437,17 +1507,24 @@ fn create_in(
         return Err(CheckpointError::Migration(format!("saving the stream failed: {}", rep.error.unwrap_or_default())));
     }
     let _ = std::fs::remove_file(&report_path);
-    std::fs::File::open(&state_path).and_then(|f| f.sync_all()).map_err(io_err(format!("cannot sync {}", state_path.display())))?;
+    std::fs::File::open(&state_path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(format!("cannot sync {}", state_path.display())))?;
     timings.sync_ms = util::ms(t_sync.elapsed());
     let md = std::fs::metadata(&state_path).map_err(io_err("the state file is gone"))?;
     if md.len() != rep.size {
-        return Err(CheckpointError::Migration(format!("the state file has {} bytes, the sink wrote {}", md.len(), rep.size)));
+        return Err(CheckpointError::Migration(format!(
+            "the state file has {} bytes, the sink wrote {}",
+            md.len(),
+            rep.size
+        )));
     }
 
     // The images below the overlays are immutable from the transaction on.
     let t_hash = Instant::now();
-    let known: Vec<ImageRecord> =
-        list(vm).map(|l| l.good.into_iter().flat_map(|(_, m)| m.disks.into_iter().flat_map(|d| d.chain)).collect()).unwrap_or_default();
+    let known: Vec<ImageRecord> = list(vm)
+        .map(|l| l.good.into_iter().flat_map(|(_, m)| m.disks.into_iter().flat_map(|d| d.chain)).collect())
+        .unwrap_or_default();
     let mut records = Vec::new();
     for (d, (file, _)) in disks.iter().zip(&plan) {
         let chain = d.chain.iter().map(|(p, f)| image_record(p, f, &known)).collect::<Result<Vec<_>, _>>()?;
@@ -1538,15 +1615,21 @@ pub struct RestoreRequest {
 pub fn check_files(dir: &Path, m: &Manifest) -> Result<(), CheckpointError> {
     let name = &m.name;
     if m.state.file.contains('/') || m.state.file.starts_with('.') {
-        return Err(CheckpointError::BadManifest { path: dir.join(MANIFEST).display().to_string(), why: "a state file outside it".into() });
+        return Err(CheckpointError::BadManifest {
+            path: dir.join(MANIFEST).display().to_string(),
+            why: "a state file outside it".into(),
+        });
     }
     let state = dir.join(&m.state.file);
     let check = |what: String, path: &Path, size: u64| -> Result<(), CheckpointError> {
         match std::fs::metadata(path) {
             Err(_) => Err(CheckpointError::Missing { name: name.clone(), what, path: path.display().to_string() }),
-            Ok(md) if md.len() != size => {
-                Err(CheckpointError::Truncated { name: name.clone(), path: path.display().to_string(), expected: size, found: md.len() })
-            }
+            Ok(md) if md.len() != size => Err(CheckpointError::Truncated {
+                name: name.clone(),
+                path: path.display().to_string(),
+                expected: size,
+                found: md.len(),
+            }),
             Ok(_) => Ok(()),
         }
     };
@@ -1571,7 +1654,11 @@ pub fn check_files(dir: &Path, m: &Manifest) -> Result<(), CheckpointError> {
     for (what, p) in [("the kernel", &m.config.kernel), ("the initramfs", &m.config.initrd)] {
         if let Some(p) = p {
             if !p.is_file() {
-                return Err(CheckpointError::Missing { name: name.clone(), what: what.into(), path: p.display().to_string() });
+                return Err(CheckpointError::Missing {
+                    name: name.clone(),
+                    what: what.into(),
+                    path: p.display().to_string(),
+                });
             }
         }
     }
@@ -1681,12 +1768,15 @@ pub fn restore(vm: &Vm, req: &RestoreRequest) -> Result<Restored, CheckpointErro
         let m2 = m.clone();
         std::thread::spawn(move || verify_images(&m2))
     });
-    let join_verifier = |v: Option<std::thread::JoinHandle<Result<(), CheckpointError>>>| -> Result<(), CheckpointError> {
-        match v {
-            Some(h) => h.join().unwrap_or_else(|_| Err(CheckpointError::Migration("the disk checker panicked".into()))),
-            None => Ok(()),
-        }
-    };
+    let join_verifier =
+        |v: Option<std::thread::JoinHandle<Result<(), CheckpointError>>>| -> Result<(), CheckpointError> {
+            match v {
+                Some(h) => {
+                    h.join().unwrap_or_else(|_| Err(CheckpointError::Migration("the disk checker panicked".into())))
+                }
+                None => Ok(()),
+            }
+        };
 
     let t_launch = Instant::now();
     let ovdir = overlays_dir(vm);
@@ -1707,7 +1797,11 @@ pub fn restore(vm: &Vm, req: &RestoreRequest) -> Result<Restored, CheckpointErro
         let d = m.disks.iter().find(|d| d.name == c.name).expect("check_files saw every disk");
         let top = &d.chain[0];
         let ov = ovdir.join(format!("{}-{stamp}-from-{}.qcow2", c.name, m.name));
-        let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", &top.format, "-b"]).arg(&top.path).arg(&ov).output();
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", &top.format, "-b"])
+            .arg(&top.path)
+            .arg(&ov)
+            .output();
         let failed = match out {
             Ok(o) if o.status.success() => None,
             Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
@@ -1764,13 +1858,18 @@ pub fn restore(vm: &Vm, req: &RestoreRequest) -> Result<Restored, CheckpointErro
             name: m.name.clone(),
             path: state_path.display().to_string(),
             expected: expect.blake3.clone(),
-            found: if r.size != expect.size { format!("{} ({} bytes read)", r.blake3, r.size) } else { r.blake3.clone() },
+            found: if r.size != expect.size {
+                format!("{} ({} bytes read)", r.blake3, r.size)
+            } else {
+                r.blake3.clone()
+            },
         }),
         (_, Err(e)) => Err(e),
         (None, Ok(())) => Err(CheckpointError::Migration("vmctl's stream source left no report".into())),
-        (Some(r), Ok(())) if !r.ok => {
-            Err(CheckpointError::Migration(format!("feeding the state failed: {}", r.error.clone().unwrap_or_default())))
-        }
+        (Some(r), Ok(())) if !r.ok => Err(CheckpointError::Migration(format!(
+            "feeding the state failed: {}",
+            r.error.clone().unwrap_or_default()
+        ))),
         (Some(_), Ok(())) => Ok(()),
     };
     let t_wait = Instant::now();
@@ -1845,7 +1944,11 @@ pub fn suspend(vm: &Vm, quiesce: Quiesce, agent_timeout: Duration) -> Result<Cre
 /// are the bottom of the VM's live chain now).
 pub fn resume(vm: &Vm, verify_disks: bool, agent_timeout: Duration) -> Result<Restored, CheckpointError> {
     if !checkpoints_dir(vm).join(SUSPEND_NAME).is_dir() {
-        return Err(CheckpointError::NotFound { vm: vm.config.name.clone(), name: SUSPEND_NAME.into(), known: Vec::new() });
+        return Err(CheckpointError::NotFound {
+            vm: vm.config.name.clone(),
+            name: SUSPEND_NAME.into(),
+            known: Vec::new(),
+        });
     }
     let mut r = restore(vm, &RestoreRequest { name: SUSPEND_NAME.into(), verify_disks, agent_timeout })?;
     let _l = lock(vm)?;
@@ -1885,7 +1988,11 @@ mod tests {
 
     fn sample_manifest() -> Manifest {
         let mut config = VmConfig::new("web1");
-        config.disks.push(crate::vm::DiskConfig { name: "data".into(), path: "disks/data.qcow2".into(), format: "qcow2".into() });
+        config.disks.push(crate::vm::DiskConfig {
+            name: "data".into(),
+            path: "disks/data.qcow2".into(),
+            format: "qcow2".into(),
+        });
         Manifest {
             magic: MAGIC.into(),
             version: FORMAT_VERSION,
@@ -1898,7 +2005,12 @@ mod tests {
             config,
             run_state: "running".into(),
             quiesce: QuiesceRecord { policy: "off".into(), ..Default::default() },
-            qemu: QemuRecord { version: "7.2.22".into(), package: "Debian".into(), machine: "pc-q35-7.2".into(), accel: "tcg".into() },
+            qemu: QemuRecord {
+                version: "7.2.22".into(),
+                package: "Debian".into(),
+                machine: "pc-q35-7.2".into(),
+                accel: "tcg".into(),
+            },
             disks: vec![DiskRecord {
                 name: "data".into(),
                 node: "data".into(),
@@ -1927,8 +2039,13 @@ mod tests {
         std::fs::write(&img, b"disk image").unwrap();
         let mut m = sample_manifest();
         m.state = FileRecord { file: STATE_FILE.into(), size: state.len() as u64, blake3: digest_of(state).blake3 };
-        m.disks[0].chain[0] =
-            ImageRecord { path: img, format: "qcow2".into(), size: 10, blake3: digest_of(b"disk image").blake3, mtime_ns: 0 };
+        m.disks[0].chain[0] = ImageRecord {
+            path: img,
+            format: "qcow2".into(),
+            size: 10,
+            blake3: digest_of(b"disk image").blake3,
+            mtime_ns: 0,
+        };
         (d, m)
     }
 

@@ -225,7 +225,8 @@ pub fn checkpoint(ctx: &Ctx, a: &CheckpointAction) -> Result<u8, CliFailure> {
                 .collect();
             let left: Vec<Value> = l.leftovers.iter().map(|(p, why)| json!({"dir": p, "why": why})).collect();
             out(ctx, json!({"ok": true, "vm": vm.config.name, "checkpoints": items, "incomplete": left}), || {
-                let mut s = format!("{:<24} {:<10} {:<24} {:>10} {:>7}  {}", "NAME", "KIND", "CREATED", "STATE", "RAM", "QEMU");
+                let mut s =
+                    format!("{:<24} {:<10} {:<24} {:>10} {:>7}  {}", "NAME", "KIND", "CREATED", "STATE", "RAM", "QEMU");
                 for (_, m) in &l.good {
                     s.push_str(&format!(
                         "\n{:<24} {:<10} {:<24} {:>10} {:>7}  {} {}",
@@ -240,8 +241,11 @@ pub fn checkpoint(ctx: &Ctx, a: &CheckpointAction) -> Result<u8, CliFailure> {
                 }
                 for (p, why) in &l.leftovers {
                     let interrupted = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(ck::TMP_PREFIX));
-                    let hint =
-                        if interrupted { "safe to delete; `vmctl checkpoint destroyall` does" } else { "kept: a newer vmctl may read it" };
+                    let hint = if interrupted {
+                        "safe to delete; `vmctl checkpoint destroyall` does"
+                    } else {
+                        "kept: a newer vmctl may read it"
+                    };
                     s.push_str(&format!("\n(not a checkpoint: {} — {why}; {hint})", p.display()));
                 }
                 s
@@ -363,7 +367,10 @@ fn wait_for_agent(sock: &Path, limit: Duration) -> bool {
 /// `vmctl start VM --checkpoint NAME`.
 pub fn start_from(ctx: &Ctx, vm: &str, name: &str, wait_agent: Option<f64>) -> Result<u8, CliFailure> {
     let vm = open(ctx, vm)?;
-    let r = ck::restore(&vm, &RestoreRequest { name: name.into(), verify_disks: true, agent_timeout: Duration::from_secs(30) })?;
+    let r = ck::restore(
+        &vm,
+        &RestoreRequest { name: name.into(), verify_disks: true, agent_timeout: Duration::from_secs(30) },
+    )?;
     let answered = wait_agent.map(|s| wait_for_agent(&vm.agent_path(), secs(s)));
     print_restored(ctx, &r, answered);
     Ok(if answered == Some(false) { 1 } else { 0 })
@@ -404,7 +411,10 @@ pub fn resume(ctx: &Ctx, a: &ResumeArgs) -> Result<u8, CliFailure> {
     let vm = open(ctx, &a.vm)?;
     let r = match ck::resume(&vm, !a.no_verify_disks, Duration::from_secs(30)) {
         Err(CheckpointError::NotFound { vm, .. }) => {
-            return Err(CliFailure { msg: format!("VM `{vm}` is not suspended (`vmctl suspend {vm}` suspends it)"), code: 2 })
+            return Err(CliFailure {
+                msg: format!("VM `{vm}` is not suspended (`vmctl suspend {vm}` suspends it)"),
+                code: 2,
+            })
         }
         r => r?,
     };

@@ -27,7 +27,11 @@ use hostsim::vm::{self, Accel, DiskConfig, PortConfig, PortKind, Vm, VmConfig};
 /// Exit codes: 0 done; 1 the operation failed; 2 bad usage; 3 QEMU or the VM unreachable;
 /// 4 --quiesce required and the guest could not be quiesced; 5 verify found a problem.
 #[derive(Parser, Debug)]
-#[command(version, propagate_version = true, after_help = "Examples:\n  vmctl create web1 --kernel vmlinuz --initrd initrd.img --disk data=data.qcow2 --import\n  vmctl start web1 --wait-agent 60\n  vmctl backup web1                      # full, quiesced when the agent answers\n  vmctl backup web1 --incremental        # only what changed since the last backup\n  vmctl backup list web1\n  vmctl backup verify /var/lib/vmctl/web1/backups/web1-20260101-120000-000-full\n  vmctl --qmp /run/qmp.sock --agent /run/qga.sock backup --target /srv/backups --json")]
+#[command(
+    version,
+    propagate_version = true,
+    after_help = "Examples:\n  vmctl create web1 --kernel vmlinuz --initrd initrd.img --disk data=data.qcow2 --import\n  vmctl start web1 --wait-agent 60\n  vmctl backup web1                      # full, quiesced when the agent answers\n  vmctl backup web1 --incremental        # only what changed since the last backup\n  vmctl backup list web1\n  vmctl backup verify /var/lib/vmctl/web1/backups/web1-20260101-120000-000-full\n  vmctl --qmp /run/qmp.sock --agent /run/qga.sock backup --target /srv/backups --json"
+)]
 struct Cli {
     /// Where VMs live.
     #[arg(long, env = "VMCTL_STATE_DIR", default_value = vm::DEFAULT_STATE_DIR, global = true, value_name = "DIR")]
@@ -430,7 +434,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(Fail(msg, code)) => {
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&json!({"ok": false, "error": msg, "exit-code": code})).unwrap());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"ok": false, "error": msg, "exit-code": code})).unwrap()
+                );
             }
             eprintln!("vmctl: error: {msg}");
             ExitCode::from(code)
@@ -441,10 +448,14 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<u8, Fail> {
     match &cli.cmd {
         Cmd::Create(a) => create(cli, a),
-        Cmd::Start { name, wait_agent, checkpoint: Some(c), .. } => checkpoint_cli::start_from(&ck_ctx(cli), name, c, *wait_agent).map_err(ck_fail),
+        Cmd::Start { name, wait_agent, checkpoint: Some(c), .. } => {
+            checkpoint_cli::start_from(&ck_ctx(cli), name, c, *wait_agent).map_err(ck_fail)
+        }
         Cmd::Start { name, wait_agent, checkpoint: None, force_boot } => {
             // Suspended: resume where it was, unless told to boot afresh.
-            if checkpoint_cli::is_suspended(&ck_ctx(cli), name) && Vm::open(&cli.state_dir, name).map_err(fail_vm)?.pid().is_none() {
+            if checkpoint_cli::is_suspended(&ck_ctx(cli), name)
+                && Vm::open(&cli.state_dir, name).map_err(fail_vm)?.pid().is_none()
+            {
                 if !*force_boot {
                     tracing::info!("`{name}` is suspended: resuming it (--force-boot boots afresh)");
                     return checkpoint_cli::start_suspended(&ck_ctx(cli), name, *wait_agent).map_err(ck_fail);
@@ -459,7 +470,12 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
                 agent_ok = Some(wait_for_agent(&vm.agent_path(), Duration::from_secs_f64(*secs)));
             }
             out(cli, json!({"ok": true, "status": st, "agent-answered": agent_ok}), || {
-                let mut s = format!("{} started (pid {}, {})", st.name, st.pid.unwrap_or(0), st.accel.clone().unwrap_or_default());
+                let mut s = format!(
+                    "{} started (pid {}, {})",
+                    st.name,
+                    st.pid.unwrap_or(0),
+                    st.accel.clone().unwrap_or_default()
+                );
                 match agent_ok {
                     Some(true) => s.push_str("; the guest agent answers"),
                     Some(false) => s.push_str("; the guest agent did not answer in time"),
@@ -519,7 +535,11 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             } else if mountpoints.is_empty() {
                 g.execute("guest-fsfreeze-freeze", None, Duration::from_secs(120))?
             } else {
-                g.execute("guest-fsfreeze-freeze-list", Some(json!({"mountpoints": mountpoints})), Duration::from_secs(120))?
+                g.execute(
+                    "guest-fsfreeze-freeze-list",
+                    Some(json!({"mountpoints": mountpoints})),
+                    Duration::from_secs(120),
+                )?
             };
             let n = if info.is_vssd { r["frozen"].as_u64() } else { r.as_u64() };
             out(cli, json!({"ok": true, "agent": info.describe(), "frozen": n, "report": r}), || {
@@ -545,7 +565,9 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             let mut g = agent(&t)?;
             let info = g.info(Duration::from_secs(10))?;
             let r = g.execute("guest-fsfreeze-status", None, Duration::from_secs(10))?;
-            out(cli, json!({"ok": true, "agent": info.describe(), "status": r}), || format!("{}: {}", info.describe(), r.as_str().unwrap_or("?")));
+            out(cli, json!({"ok": true, "agent": info.describe(), "status": r}), || {
+                format!("{}: {}", info.describe(), r.as_str().unwrap_or("?"))
+            });
             Ok(0)
         }
         Cmd::Backup(b) => match &b.action {
@@ -595,13 +617,17 @@ fn create(cli: &Cli, a: &CreateArgs) -> Result<u8, Fail> {
         };
         vm::check_name(&name).map_err(|_| Fail(format!("bad disk name `{name}`: letters, digits, - _ ."), 2))?;
         if !path.is_file() {
-            return Err(Fail(format!("disk {} does not exist (qemu-img create -f qcow2 FILE SIZE makes one)", path.display()), 2));
+            return Err(Fail(
+                format!("disk {} does not exist (qemu-img create -f qcow2 FILE SIZE makes one)", path.display()),
+                2,
+            ));
         }
         let format = if path.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
         c.disks.push(DiskConfig { name, path, format: format.into() });
     }
     for p in &a.ports {
-        let (name, kind) = p.split_once('=').ok_or_else(|| Fail(format!("--port {p}: use NAME=socket or NAME=file"), 2))?;
+        let (name, kind) =
+            p.split_once('=').ok_or_else(|| Fail(format!("--port {p}: use NAME=socket or NAME=file"), 2))?;
         let kind = match kind {
             "socket" => PortKind::Socket,
             "file" => PortKind::File,
@@ -610,7 +636,9 @@ fn create(cli: &Cli, a: &CreateArgs) -> Result<u8, Fail> {
         c.ports.push(PortConfig { name: name.into(), kind });
     }
     let vm = Vm::create(&cli.state_dir, c, a.import).map_err(fail_vm)?;
-    out(cli, json!({"ok": true, "dir": vm.dir, "config": vm.config}), || format!("created {} in {}", a.name, vm.dir.display()));
+    out(cli, json!({"ok": true, "dir": vm.dir, "config": vm.config}), || {
+        format!("created {} in {}", a.name, vm.dir.display())
+    });
     Ok(0)
 }
 
@@ -653,7 +681,12 @@ fn status(cli: &Cli, name: Option<&str>) -> Result<u8, Fail> {
     let st = q.execute("query-status", None)?;
     let agent = t.agent.as_deref().map(agent_state).unwrap_or(Value::Null);
     out(cli, json!({"ok": true, "name": t.name, "state": st["status"], "agent": agent}), || {
-        format!("{}: {}; agent {}", t.name, st["status"].as_str().unwrap_or("?"), agent["agent"].as_str().unwrap_or("not answering"))
+        format!(
+            "{}: {}; agent {}",
+            t.name,
+            st["status"].as_str().unwrap_or("?"),
+            agent["agent"].as_str().unwrap_or("not answering")
+        )
     });
     Ok(0)
 }

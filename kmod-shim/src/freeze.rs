@@ -77,10 +77,7 @@ mod tests {
         // /proc is never frozen; thaw must fail without side effects. Unprivileged: EPERM.
         let err = thaw_path(Path::new("/proc")).unwrap_err();
         let code = err.raw_os_error().unwrap();
-        assert!(
-            [libc::EINVAL, libc::EPERM, libc::EOPNOTSUPP].contains(&code),
-            "unexpected error {err}"
-        );
+        assert!([libc::EINVAL, libc::EPERM, libc::EOPNOTSUPP].contains(&code), "unexpected error {err}");
     }
 
     #[test]

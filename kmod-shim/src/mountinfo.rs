@@ -110,7 +110,18 @@ fn parse_line(line: &str) -> Result<Mount, &'static str> {
     // The source may be empty on some pseudo filesystems; the kernel then prints "none".
     let source = unescape(next("missing source")?);
     let super_options = split_opts(next("missing super options")?);
-    Ok(Mount { mount_id, parent_id, dev, root, mount_point, mount_options, optional_fields, fstype, source, super_options })
+    Ok(Mount {
+        mount_id,
+        parent_id,
+        dev,
+        root,
+        mount_point,
+        mount_options,
+        optional_fields,
+        fstype,
+        source,
+        super_options,
+    })
 }
 
 fn split_opts(s: &str) -> Vec<String> {

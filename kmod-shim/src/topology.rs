@@ -127,7 +127,12 @@ mod tests {
         let r = t.path();
         let devices = r.join("devices/virtual/block");
         // loop0 backed by /img/a.img, loop1 by a deleted file, dm-0 over loop0, loop0p1 a partition.
-        for (name, backing) in [("loop0", Some("/img/a.img\n")), ("loop1", Some("/img/gone.img (deleted)\n")), ("dm-0", None), ("vda", None)] {
+        for (name, backing) in [
+            ("loop0", Some("/img/a.img\n")),
+            ("loop1", Some("/img/gone.img (deleted)\n")),
+            ("dm-0", None),
+            ("vda", None),
+        ] {
             let d = devices.join(name);
             std::fs::create_dir_all(&d).unwrap();
             if let Some(b) = backing {
@@ -141,7 +146,9 @@ mod tests {
         symlink("../../loop0", devices.join("dm-0/slaves/loop0")).unwrap();
         symlink("../../loop1", devices.join("dm-0/slaves/loop1")).unwrap();
         std::fs::create_dir_all(r.join("dev/block")).unwrap();
-        for (id, target) in [("7:0", "loop0"), ("7:1", "loop1"), ("259:0", "loop0/loop0p1"), ("253:0", "dm-0"), ("252:0", "vda")] {
+        for (id, target) in
+            [("7:0", "loop0"), ("7:1", "loop1"), ("259:0", "loop0/loop0p1"), ("253:0", "dm-0"), ("252:0", "vda")]
+        {
             symlink(devices.join(target), r.join("dev/block").join(id)).unwrap();
         }
         t

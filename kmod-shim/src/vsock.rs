@@ -47,7 +47,8 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, u32)> {
 
 /// Connects (blocking) to `cid:port`; for tests and host-side tools.
 pub fn connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
-    let fd = socket::socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(io::Error::from)?;
+    let fd = socket::socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(io::Error::from)?;
     socket::connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)).map_err(io::Error::from)?;
     Ok(fd)
 }

@@ -84,7 +84,10 @@ fn state_file(vm: &TestVm, name: &str) -> PathBuf {
 
 /// QEMU processes started for this test's VM (others may run for other tests meanwhile).
 fn qemus_of(vm: &TestVm) -> Vec<String> {
-    let out = Command::new("pgrep").args(["-a", "qemu-system"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let out = Command::new("pgrep")
+        .args(["-a", "qemu-system"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     let dir = vm.dir().display().to_string();
     out.unwrap_or_default().lines().filter(|l| l.contains(&dir)).map(String::from).collect()
 }
@@ -115,7 +118,10 @@ fn a_restored_guest_counts_on_from_where_it_was_saved() {
     let r = restore(&vm, "c1");
     eprintln!("[ck] restore: {}", r["timings"]);
     let c = assert_counting(&vm);
-    assert!(c >= before, "the restored count {c} is below the count before the checkpoint ({before}): memory was not restored");
+    assert!(
+        c >= before,
+        "the restored count {c} is below the count before the checkpoint ({before}): memory was not restored"
+    );
     assert!(c < late, "the restored count {c} is not below the live guest's later count {late}: it did not go back");
     assert!(vm.pid().is_some());
 
@@ -127,7 +133,10 @@ fn a_restored_guest_counts_on_from_where_it_was_saved() {
     let late = wait_count(&vm, after + 40);
     restore(&vm, "c2");
     let c = assert_counting(&vm);
-    assert!(c >= before && c < late, "after a live checkpoint: restored count {c}, saved between {before} and {after}, later {late}");
+    assert!(
+        c >= before && c < late,
+        "after a live checkpoint: restored count {c}, saved between {before} and {after}, later {late}"
+    );
 }
 
 #[test]
@@ -180,7 +189,8 @@ fn poweroff_leaves_the_vm_stopped_and_the_checkpoint_complete() {
     assert_eq!(names(&good), ["off"]);
     assert_eq!(good[0]["poweroff"], true);
     assert!(incomplete.is_empty(), "{incomplete:?}");
-    let manifest: Value = serde_json::from_slice(&std::fs::read(vm.dir().join("checkpoints/off/manifest.json")).unwrap()).unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(vm.dir().join("checkpoints/off/manifest.json")).unwrap()).unwrap();
     assert_eq!(std::fs::metadata(state_file(&vm, "off")).unwrap().len(), manifest["state"]["size"].as_u64().unwrap());
 
     restore(&vm, "off");
@@ -254,7 +264,11 @@ fn a_flipped_byte_makes_restore_refuse_and_name_the_file() {
         assert!(vm.pid().is_none(), "a QEMU runs after a refused restore");
         assert!(qemus_of(&vm).is_empty(), "{:?}", qemus_of(&vm));
         assert_eq!(std::fs::read(vm.dir().join("vm.toml")).unwrap(), config, "a refused restore changed vm.toml");
-        assert_eq!(std::fs::read_dir(vm.dir().join("overlays")).unwrap().count(), overlays, "a refused restore left overlays");
+        assert_eq!(
+            std::fs::read_dir(vm.dir().join("overlays")).unwrap().count(),
+            overlays,
+            "a refused restore left overlays"
+        );
         flip_byte(&state, at);
     }
     // A truncated file is refused before QEMU starts.

@@ -41,7 +41,10 @@ fn create_writes_a_config_that_list_and_status_read() {
     let d = tempfile::tempdir().unwrap();
     let disk = d.path().join("data.qcow2");
     std::fs::write(&disk, b"").unwrap();
-    let out = vmctl(d.path(), &["create", "web1", "--disk", &format!("data={}", disk.display()), "--memory", "256", "--json"]);
+    let out = vmctl(
+        d.path(),
+        &["create", "web1", "--disk", &format!("data={}", disk.display()), "--memory", "256", "--json"],
+    );
     out.expect_code(0, "create");
     let cfg = std::fs::read_to_string(d.path().join("web1/vm.toml")).unwrap();
     assert!(cfg.contains("memory-mib = 256"), "{cfg}");

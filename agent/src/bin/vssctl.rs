@@ -18,7 +18,10 @@ use serde_json::{json, Value};
 ///
 /// Exit codes: 0 done; 1 vssd refused or the operation failed; 2 bad usage; 3 vssd unreachable.
 #[derive(Parser, Debug)]
-#[command(version, after_help = "Examples:\n  vssctl status\n  vssctl plan                       # what a freeze would do, and why\n  vssctl freeze --deadline 30 /srv/db\n  vssctl thaw\n  vssctl thaw --all                 # emergency: thaw everything, with or without vssd")]
+#[command(
+    version,
+    after_help = "Examples:\n  vssctl status\n  vssctl plan                       # what a freeze would do, and why\n  vssctl freeze --deadline 30 /srv/db\n  vssctl thaw\n  vssctl thaw --all                 # emergency: thaw everything, with or without vssd"
+)]
 struct Cli {
     /// vssd's control socket (or any unix channel of it).
     #[arg(long, global = true, default_value = "/run/vssd/vssd.sock", env = "VSSD_SOCKET")]
@@ -85,7 +88,10 @@ struct Client {
 impl Client {
     fn connect(path: &Path, timeout: Duration) -> Result<Client, Failure> {
         let s = UnixStream::connect(path).map_err(|e| {
-            Failure::Unreachable(format!("cannot reach vssd at {}: {e} (is vssd running? `--socket` names another)", path.display()))
+            Failure::Unreachable(format!(
+                "cannot reach vssd at {}: {e} (is vssd running? `--socket` names another)",
+                path.display()
+            ))
         })?;
         s.set_read_timeout(Some(timeout)).ok();
         s.set_write_timeout(Some(Duration::from_secs(10))).ok();
@@ -157,7 +163,10 @@ fn run(cli: &Cli) -> Result<Value, Failure> {
     match &cli.cmd {
         Cmd::Man => {
             let cmd = <Cli as clap::CommandFactory>::command().name("vssctl");
-            clap_mangen::Man::new(cmd).section("8").render(&mut std::io::stdout()).map_err(|e| Failure::Refused(e.to_string()))?;
+            clap_mangen::Man::new(cmd)
+                .section("8")
+                .render(&mut std::io::stdout())
+                .map_err(|e| Failure::Refused(e.to_string()))?;
             std::process::exit(0);
         }
         Cmd::Status => {
@@ -170,7 +179,11 @@ fn run(cli: &Cli) -> Result<Value, Failure> {
                     println!("thaws by itself in {} ms unless thawed", v["deadline-in-ms"]);
                 }
                 if let Some(a) = v.get("last-auto-thaw") {
-                    println!("last automatic thaw: {} (after {} ms frozen)", a["reason"].as_str().unwrap_or("?"), a["frozen-for-ms"]);
+                    println!(
+                        "last automatic thaw: {} (after {} ms frozen)",
+                        a["reason"].as_str().unwrap_or("?"),
+                        a["frozen-for-ms"]
+                    );
                 }
             }
             Ok(v)
@@ -222,10 +235,15 @@ fn run(cli: &Cli) -> Result<Value, Failure> {
                         for t in v["thawed"].as_array().into_iter().flatten() {
                             println!("thawed {}", t.as_str().unwrap_or("?"));
                         }
-                        println!("{} filesystem(s) were frozen and are thawed now", v["thawed"].as_array().map_or(0, Vec::len));
+                        println!(
+                            "{} filesystem(s) were frozen and are thawed now",
+                            v["thawed"].as_array().map_or(0, Vec::len)
+                        );
                     }
                     match v["errors"].as_array() {
-                        Some(e) if !e.is_empty() => Err(Failure::Refused(format!("some thaws failed: {}", Value::from(e.clone())))),
+                        Some(e) if !e.is_empty() => {
+                            Err(Failure::Refused(format!("some thaws failed: {}", Value::from(e.clone()))))
+                        }
                         _ => Ok(v),
                     }
                 }
@@ -270,7 +288,9 @@ fn direct_thaw(scope: &Path, state_dir: &Path) -> Value {
     for (t, _) in &targets {
         match kmod_shim::freeze::thaw_path(t) {
             Ok(()) => thawed.push(Value::from(t.display().to_string())),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOENT | libc::ENOTDIR)) => {}
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOENT | libc::ENOTDIR)) => {
+            }
             Err(e) => errors.push(json!({"mountpoint": t.display().to_string(), "error": e.to_string()})),
         }
     }

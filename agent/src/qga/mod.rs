@@ -199,9 +199,17 @@ impl Session {
             "vssd-freeze" => {
                 let mountpoints = a.list("mountpoints")?;
                 let deadline = a.optional("deadline", Value::as_f64, "number")?;
-                let policy = a.optional("cannot-freeze", |v| v.as_str()?.parse::<CannotFreezePolicy>().ok(), "'skip' or 'veto'")?;
+                let policy = a.optional(
+                    "cannot-freeze",
+                    |v| v.as_str()?.parse::<CannotFreezePolicy>().ok(),
+                    "'skip' or 'veto'",
+                )?;
                 let bind = a.optional("bind-to-channel", Value::as_bool, "bool")?.unwrap_or(true);
-                let app_failure = a.optional("app-failure", |v| v.as_str()?.parse::<AppFailurePolicy>().ok(), "'continue' or 'fail'")?;
+                let app_failure = a.optional(
+                    "app-failure",
+                    |v| v.as_str()?.parse::<AppFailurePolicy>().ok(),
+                    "'continue' or 'fail'",
+                )?;
                 a.done()?;
                 let deadline = match deadline {
                     Some(d) if !(d > 0.0 && d <= 86_400.0) => {
@@ -233,7 +241,8 @@ impl Session {
                 let plan = tokio::task::spawn_blocking(move || agent.plan(mountpoints))
                     .await
                     .map_err(|e| QgaError::generic(format!("internal error: {e}")))??;
-                let mounts: Vec<_> = plan.mounts.iter().map(|m| crate::service::mount_report(m, m.outcome.name(), None)).collect();
+                let mounts: Vec<_> =
+                    plan.mounts.iter().map(|m| crate::service::mount_report(m, m.outcome.name(), None)).collect();
                 json!({ "mounts": mounts, "outside-scope": plan.outside_scope, "levels": plan.levels.len() })
             }
             _ => unreachable!("every command in COMMANDS is dispatched"),
@@ -274,9 +283,9 @@ impl Args {
         v.iter()
             .enumerate()
             .map(|(i, s)| {
-                s.as_str()
-                    .map(PathBuf::from)
-                    .ok_or_else(|| QgaError::generic(format!("Invalid parameter type for '{key}[{i}]', expected: string")))
+                s.as_str().map(PathBuf::from).ok_or_else(|| {
+                    QgaError::generic(format!("Invalid parameter type for '{key}[{i}]', expected: string"))
+                })
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
@@ -313,7 +322,8 @@ mod tests {
 
     fn session(dir: &Path) -> Session {
         let mi = dir.join("mountinfo");
-        std::fs::write(&mi, "10 1 7:0 / /s/a rw - ext4 /dev/loop0 rw\n11 1 7:1 / /s/b rw - xfs /dev/loop1 rw\n").unwrap();
+        std::fs::write(&mi, "10 1 7:0 / /s/a rw - ext4 /dev/loop0 rw\n11 1 7:1 / /s/b rw - xfs /dev/loop1 rw\n")
+            .unwrap();
         let cfg = Config {
             scope: "/s".into(),
             mountinfo: mi,
@@ -352,9 +362,17 @@ mod tests {
             (b"{}", "GenericError", "QMP input lacks member 'execute'"),
             (b"{\"execute\":\"nope\"}", "CommandNotFound", "The command nope has not been found"),
             (b"{\"execute\":\"guest-sync\"}", "GenericError", "Parameter 'id' is missing"),
-            (b"{\"execute\":\"guest-sync\",\"arguments\":{\"id\":\"x\"}}", "GenericError", "Invalid parameter type for 'id', expected: integer"),
+            (
+                b"{\"execute\":\"guest-sync\",\"arguments\":{\"id\":\"x\"}}",
+                "GenericError",
+                "Invalid parameter type for 'id', expected: integer",
+            ),
             (b"{\"execute\":\"guest-ping\",\"arguments\":{\"x\":1}}", "GenericError", "Parameter 'x' is unexpected"),
-            (b"{\"execute\":\"guest-fsfreeze-freeze-list\",\"arguments\":{\"mountpoints\":[1]}}", "GenericError", "Invalid parameter type for 'mountpoints[0]', expected: string"),
+            (
+                b"{\"execute\":\"guest-fsfreeze-freeze-list\",\"arguments\":{\"mountpoints\":[1]}}",
+                "GenericError",
+                "Invalid parameter type for 'mountpoints[0]', expected: string",
+            ),
         ];
         for (req, class, desc) in cases {
             let v = one(&mut s, req).await;

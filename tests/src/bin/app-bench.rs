@@ -110,7 +110,8 @@ impl Apps {
         let mut conns = Vec::with_capacity(n);
         for i in 0..n {
             let mut s = connect(socket);
-            let hello = json!({"type": "hello", "id": 1, "name": format!("bench{i}"), "min_version": 1, "max_version": 1});
+            let hello =
+                json!({"type": "hello", "id": 1, "name": format!("bench{i}"), "min_version": 1, "max_version": 1});
             s.write_all(format!("{hello}\n").as_bytes()).unwrap();
             let mut r = BufReader::new(s.try_clone().unwrap());
             let mut l = String::new();
@@ -138,7 +139,8 @@ impl Apps {
         let mut last = None;
         while left > 0 && Instant::now() < end {
             let ready: Vec<usize> = {
-                let mut fds: Vec<PollFd> = self.conns.iter().map(|(s, _)| PollFd::new(s.as_fd(), PollFlags::POLLIN)).collect();
+                let mut fds: Vec<PollFd> =
+                    self.conns.iter().map(|(s, _)| PollFd::new(s.as_fd(), PollFlags::POLLIN)).collect();
                 if let Some(w) = wake {
                     fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
                 }
@@ -149,7 +151,11 @@ impl Apps {
                 if wake.is_some() && fds[n].revents().is_some_and(|r| !r.is_empty()) {
                     return (true, None);
                 }
-                fds.iter().enumerate().filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty())).map(|(i, _)| i).collect()
+                fds.iter()
+                    .enumerate()
+                    .filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty()))
+                    .map(|(i, _)| i)
+                    .collect()
             };
             for i in ready {
                 let (s, buf) = &mut self.conns[i];
@@ -221,10 +227,26 @@ fn run_vssd(n: usize, cycles: usize) -> (f64, f64, f64, f64) {
         let report = q.recv();
         total.push(t0.elapsed().as_secs_f64() * 1e3);
         if std::env::var_os("APP_BENCH_DEBUG").is_some() {
-            eprintln!("client {:.2} vssd elapsed {} plan {} bytes {}", t0.elapsed().as_secs_f64() * 1e3, report["elapsed-ms"], report["plan-ms"], report.to_string().len());
+            eprintln!(
+                "client {:.2} vssd elapsed {} plan {} bytes {}",
+                t0.elapsed().as_secs_f64() * 1e3,
+                report["elapsed-ms"],
+                report["plan-ms"],
+                report.to_string().len()
+            );
         }
-        let max_freeze = report["apps"].as_array().unwrap().iter().map(|a| a["freeze-ms"].as_f64().unwrap_or(f64::NAN)).fold(0.0, f64::max);
-        let max_prep = report["apps"].as_array().unwrap().iter().map(|a| a["prepare-ms"].as_f64().unwrap_or(f64::NAN)).fold(0.0, f64::max);
+        let max_freeze = report["apps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["freeze-ms"].as_f64().unwrap_or(f64::NAN))
+            .fold(0.0, f64::max);
+        let max_prep = report["apps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["prepare-ms"].as_f64().unwrap_or(f64::NAN))
+            .fold(0.0, f64::max);
         assert!(report["apps"].as_array().unwrap().iter().all(|a| a["outcome"] == "held"), "not all held: {report}");
         held.push(max_prep + max_freeze);
         let t1 = Instant::now();
@@ -250,7 +272,8 @@ fn run_qga(n: usize, cycles: usize) -> (f64, f64) {
     }
     // What Debian's /etc/qemu/fsfreeze-hook does: run every script in the directory in turn.
     let hook = s.dir.join("fsfreeze-hook");
-    std::fs::write(&hook, format!("#!/bin/sh\nfor f in {}/*; do \"$f\" \"$@\" || exit 1; done\n", d.display())).unwrap();
+    std::fs::write(&hook, format!("#!/bin/sh\nfor f in {}/*; do \"$f\" \"$@\" || exit 1; done\n", d.display()))
+        .unwrap();
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     let chan = s.dir.join("qemu-ga.sock");
     std::fs::create_dir_all(s.dir.join("qga-state")).unwrap();
@@ -297,7 +320,14 @@ fn main() {
     println!("median of {cycles} cycles; 1 loop ext4; apps answer at once from one thread");
     println!(
         "{:>6} | {:>16} {:>18} {:>16} {:>14} | {:>20} {:>14} | {:>8}",
-        "apps", "vssd freeze ms", "to all held ms", "thaw fan-out ms", "thaw reply ms", "qemu-ga+hooks frz ms", "its thaw ms", "ratio"
+        "apps",
+        "vssd freeze ms",
+        "to all held ms",
+        "thaw fan-out ms",
+        "thaw reply ms",
+        "qemu-ga+hooks frz ms",
+        "its thaw ms",
+        "ratio"
     );
     for n in counts {
         let (total, held, fanout, thaw) = run_vssd(n, cycles);

@@ -131,8 +131,10 @@ fn first_answer_ms(vm: &TestVm, rounds: usize) -> f64 {
         let mut s = std::os::unix::net::UnixStream::connect(vm.dir().join("agent.sock")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let id = 4242 + i;
-        s.write_all(format!("\u{ff}{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n").as_bytes())
-            .unwrap();
+        s.write_all(
+            format!("\u{ff}{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n").as_bytes(),
+        )
+        .unwrap();
         let want = format!("{{\"return\": {id}}}");
         let want2 = format!("{{\"return\":{id}}}");
         let mut got = Vec::new();

@@ -72,7 +72,8 @@ fn wait_completed(q: &mut Qmp, what: &str) -> Value {
 fn qemu_save(vm: &TestVm, file: &Path) -> (f64, f64, f64, u64) {
     let _ = std::fs::remove_file(file);
     let mut q = vm.qmp();
-    q.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "events", "state": true}]}))).unwrap();
+    q.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "events", "state": true}]})))
+        .unwrap();
     let old = q.execute("query-migrate-parameters", None).unwrap()["max-bandwidth"].as_u64().unwrap();
     q.execute("migrate-set-parameters", Some(json!({"max-bandwidth": 1u64 << 40}))).unwrap();
     let _ = q.take_events();
@@ -124,7 +125,8 @@ fn qemu_restore(vm: &TestVm, machine: &str, file: &Path) -> (f64, f64) {
         std::thread::sleep(Duration::from_millis(20));
     };
     let launch = t0.elapsed().as_secs_f64();
-    q.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "events", "state": true}]}))).unwrap();
+    q.execute("migrate-set-capabilities", Some(json!({"capabilities": [{"capability": "events", "state": true}]})))
+        .unwrap();
     let t1 = Instant::now();
     q.execute("migrate-incoming", Some(json!({"uri": format!("exec:cat {}", file.display())}))).unwrap();
     wait_completed(&mut q, "migrate-incoming from exec:cat");
@@ -222,8 +224,10 @@ fn main() {
         // Restore: QEMU's own from the cat file and vmctl's from the checkpoint, alternating
         // which goes first (each starts right after a 2 GiB QEMU was killed). The VM must run
         // again at the end: vmctl's restore, untimed, when it went first.
-        let manifest: Value =
-            serde_json::from_slice(&std::fs::read(vm.dir().join("checkpoints").join(&ck_name).join("manifest.json")).unwrap()).unwrap();
+        let manifest: Value = serde_json::from_slice(
+            &std::fs::read(vm.dir().join("checkpoints").join(&ck_name).join("manifest.json")).unwrap(),
+        )
+        .unwrap();
         let machine = manifest["qemu"]["machine"].as_str().unwrap().to_string();
         vm.kill_qemu();
         let ck_restore = || {
@@ -278,9 +282,14 @@ fn main() {
         println!("{}", serde_json::to_string_pretty(&report).unwrap());
         return;
     }
-    println!("checkpoint-bench: guest RAM {} MiB ({fill_mib} MiB filled), TCG, medians of {} rounds", o.memory_mib, o.rounds);
+    println!(
+        "checkpoint-bench: guest RAM {} MiB ({fill_mib} MiB filled), TCG, medians of {} rounds",
+        o.memory_mib, o.rounds
+    );
     println!("\nSAVE (VM stopped, bandwidth cap lifted)            s     s/GiB RAM   MiB/s of stream");
-    let row = |name: &str, secs: f64, bytes: f64| println!("  {name:<46} {secs:6.3}  {:8.3}   {:8.0}", secs / gib, mib(bytes, secs));
+    let row = |name: &str, secs: f64, bytes: f64| {
+        println!("  {name:<46} {secs:6.3}  {:8.3}   {:8.0}", secs / gib, mib(bytes, secs))
+    };
     row("QEMU migrate → exec:cat > FILE", m(&s.cat_save_stream), m(&s.cat_bytes));
     row("QEMU migrate → exec:cat, + fsync of FILE", m(&s.cat_save_stream) + m(&s.cat_save_fsync), m(&s.cat_bytes));
     row("vmctl: stream into __sink (BLAKE3 on the way)", m(&s.ck_save_stream), m(&s.ck_bytes));
