@@ -1943,7 +1943,7 @@ pub fn suspend(vm: &Vm, quiesce: Quiesce, agent_timeout: Duration) -> Result<Cre
 /// `vmctl resume`: restores the suspend checkpoint, then discards it (its images stay: they
 /// are the bottom of the VM's live chain now).
 pub fn resume(vm: &Vm, verify_disks: bool, agent_timeout: Duration) -> Result<Restored, CheckpointError> {
-    if !checkpoints_dir(vm).join(SUSPEND_NAME).is_dir() {
+    if !vm.is_suspended() {
         return Err(CheckpointError::NotFound {
             vm: vm.config.name.clone(),
             name: SUSPEND_NAME.into(),

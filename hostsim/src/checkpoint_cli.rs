@@ -384,11 +384,6 @@ pub fn suspend(ctx: &Ctx, a: &SuspendArgs) -> Result<u8, CliFailure> {
     Ok(0)
 }
 
-/// True when `vmctl suspend` saved the VM and it was not resumed since.
-pub fn is_suspended(ctx: &Ctx, vm: &str) -> bool {
-    open(ctx, vm).map(|v| ck::checkpoints_dir(&v).join(ck::SUSPEND_NAME).is_dir()).unwrap_or(false)
-}
-
 /// `vmctl start VM` of a suspended VM: resumes it (as `vmctl resume`), like a laptop's lid.
 pub fn start_suspended(ctx: &Ctx, vm: &str, wait_agent: Option<f64>) -> Result<u8, CliFailure> {
     let v = open(ctx, vm)?;

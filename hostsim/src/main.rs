@@ -452,10 +452,9 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             checkpoint_cli::start_from(&ck_ctx(cli), name, c, *wait_agent).map_err(ck_fail)
         }
         Cmd::Start { name, wait_agent, checkpoint: None, force_boot } => {
+            let vm = Vm::open(&cli.state_dir, name).map_err(fail_vm)?;
             // Suspended: resume where it was, unless told to boot afresh.
-            if checkpoint_cli::is_suspended(&ck_ctx(cli), name)
-                && Vm::open(&cli.state_dir, name).map_err(fail_vm)?.pid().is_none()
-            {
+            if vm.is_suspended() && vm.pid().is_none() {
                 if !*force_boot {
                     tracing::info!("`{name}` is suspended: resuming it (--force-boot boots afresh)");
                     return checkpoint_cli::start_suspended(&ck_ctx(cli), name, *wait_agent).map_err(ck_fail);
@@ -463,7 +462,6 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
                 checkpoint_cli::discard_suspend(&ck_ctx(cli), name).map_err(ck_fail)?;
                 tracing::warn!("`{name}` was suspended: its saved state is discarded (--force-boot)");
             }
-            let vm = Vm::open(&cli.state_dir, name).map_err(fail_vm)?;
             let st = vm.start().map_err(fail_vm)?;
             let mut agent_ok = None;
             if let Some(secs) = wait_agent {

@@ -491,14 +491,17 @@ impl Vm {
         self.status()
     }
 
+    /// `vmctl suspend` saved it (and it was not resumed since): `vmctl start` or `resume`
+    /// brings it back.
+    pub fn is_suspended(&self) -> bool {
+        crate::checkpoint::checkpoints_dir(self).join(crate::checkpoint::SUSPEND_NAME).is_dir()
+    }
+
     /// Where the VM stands.
     pub fn status(&self) -> Result<VmStatus, VmError> {
         let pid = self.pid();
         let (state, accel) = match pid {
-            // `vmctl suspend` saved it: `vmctl start` (or `resume`) brings it back.
-            None if crate::checkpoint::checkpoints_dir(self).join(crate::checkpoint::SUSPEND_NAME).is_dir() => {
-                ("suspended".to_string(), None)
-            }
+            None if self.is_suspended() => ("suspended".to_string(), None),
             None => ("stopped".to_string(), None),
             Some(_) => match Qmp::connect(&self.qmp_path(), Duration::from_secs(5)) {
                 Ok(mut q) => {

@@ -287,15 +287,13 @@ fn agent_silent_or_missing_gives_crash_consistent_or_a_clear_refusal() {
     assert!(hidden_entries(&target).is_empty());
 }
 
-#[test]
-fn qemu_killed_mid_backup_is_a_clear_error_and_leaves_no_backup() {
-    require_vm!();
-    let vm = TestVm::boot("killed", VmOpts::default());
-    vm.wait_acks("e3", 10, Duration::from_secs(30));
-    // Slow the copy down so that there is a "mid".
+/// Starts `vmctl backup VM --bandwidth 1 --json` (1 MiB/s: there is a "mid-backup") and
+/// returns once its target images exist, i.e. past the preparation. Output is piped.
+#[allow(clippy::zombie_processes)] // returned to the caller, which kills and waits for it
+fn start_slow_backup(vm: &TestVm) -> std::process::Child {
     let mut child = Command::new(bin("vmctl"))
         .env("VMCTL_STATE_DIR", vm.state_dir())
-        .args(["backup", "killed", "--bandwidth", "1", "--json"])
+        .args(["backup", vm.name.as_str(), "--bandwidth", "1", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -304,11 +302,23 @@ fn qemu_killed_mid_backup_is_a_clear_error_and_leaves_no_backup() {
     loop {
         let partial = hidden_entries(&vm.backups());
         if partial.len() == 1 && vm.backups().join(&partial[0]).join("data2.qcow2").exists() {
-            break;
+            return child;
         }
-        assert!(Instant::now() < deadline, "the backup never started");
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the backup never started");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn qemu_killed_mid_backup_is_a_clear_error_and_leaves_no_backup() {
+    require_vm!();
+    let vm = TestVm::boot("killed", VmOpts::default());
+    vm.wait_acks("e3", 10, Duration::from_secs(30));
+    let mut child = start_slow_backup(&vm);
     // Past the freeze window (it takes well under a second) and into the copy.
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().unwrap().is_none(), "the backup should still be copying at 1 MiB/s");
@@ -328,22 +338,7 @@ fn vmctl_killed_mid_backup_leaves_nothing_in_the_way_of_the_next() {
     require_vm!();
     let vm = TestVm::boot("vmctlkilled", VmOpts::default());
     vm.wait_acks("e3", 10, Duration::from_secs(30));
-    let mut child = Command::new(bin("vmctl"))
-        .env("VMCTL_STATE_DIR", vm.state_dir())
-        .args(["backup", "vmctlkilled", "--bandwidth", "1", "--json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let partial = hidden_entries(&vm.backups());
-        if partial.len() == 1 && vm.backups().join(&partial[0]).join("data2.qcow2").exists() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the backup never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = start_slow_backup(&vm);
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().unwrap().is_none(), "the backup should still be copying at 1 MiB/s");
     child.kill().unwrap();
@@ -373,18 +368,7 @@ fn a_second_backup_of_the_same_vm_is_refused_while_one_runs() {
     require_vm!();
     let vm = TestVm::boot("twobackups", VmOpts::default());
     vm.wait_acks("e3", 10, Duration::from_secs(30));
-    let mut child = Command::new(bin("vmctl"))
-        .env("VMCTL_STATE_DIR", vm.state_dir())
-        .args(["backup", "twobackups", "--bandwidth", "1", "--json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while hidden_entries(&vm.backups()).is_empty() {
-        assert!(Instant::now() < deadline, "the backup never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = start_slow_backup(&vm);
     // Into another target: the first one's jobs must not be mistaken for a dead vmctl's.
     let other = vm.work().join("other-target");
     let out = vm.vmctl(&["backup", "twobackups", "--target", other.to_str().unwrap()]);
