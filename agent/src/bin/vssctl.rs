@@ -1,13 +1,12 @@
 //! `vssctl`: look at and steer the local vssd; thaw by hand in an emergency.
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use qga_wire::{Client, ClientError};
 use serde_json::{json, Value};
 
 /// vssctl: status, freeze and thaw of the local vssd.
@@ -80,62 +79,30 @@ enum Failure {
     Refused(String),
 }
 
-struct Client {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
+/// One exchange with vssd through the shared QGA client: resynchronise (0xFF +
+/// guest-sync-delimited, as libvirt does, so a half request left on the channel cannot confuse
+/// us), then the command.
+fn call(socket: &Path, timeout: Duration, execute: &str, args: Value) -> Result<Value, Failure> {
+    let mut c = Client::connect(socket).map_err(|e| unreachable(socket, e))?;
+    c.sync_timeout = timeout;
+    c.execute(execute, Some(args), timeout).map_err(|e| unreachable(socket, e))
 }
 
-impl Client {
-    fn connect(path: &Path, timeout: Duration) -> Result<Client, Failure> {
-        let s = UnixStream::connect(path).map_err(|e| {
-            Failure::Unreachable(format!(
-                "cannot reach vssd at {}: {e} (is vssd running? `--socket` names another)",
-                path.display()
-            ))
-        })?;
-        s.set_read_timeout(Some(timeout)).ok();
-        s.set_write_timeout(Some(Duration::from_secs(10))).ok();
-        let w = s.try_clone().map_err(|e| Failure::Unreachable(e.to_string()))?;
-        let mut c = Client { r: BufReader::new(s), w };
-        // Resynchronise as libvirt does, so a half request left on the channel cannot confuse us.
-        let id = std::process::id() as i64 * 1000 + 7;
-        let mut req = vec![0xFFu8];
-        req.extend(serde_json::to_vec(&json!({"execute": "guest-sync-delimited", "arguments": {"id": id}})).unwrap());
-        req.push(b'\n');
-        c.w.write_all(&req).map_err(|e| Failure::Unreachable(e.to_string()))?;
-        loop {
-            let line = c.read_line()?;
-            let line = match line.iter().position(|&b| b == 0xFF) {
-                Some(p) => &line[p + 1..],
-                None => continue,
-            };
-            let v: Value = serde_json::from_slice(line).map_err(|e| Failure::Unreachable(format!("bad reply: {e}")))?;
-            if v["return"] == json!(id) {
-                return Ok(c);
-            }
+/// vssctl's words for what the client met: vssd refused, or could not be talked to.
+fn unreachable(socket: &Path, e: ClientError) -> Failure {
+    match e {
+        ClientError::Command { desc, .. } => Failure::Refused(desc),
+        ClientError::Connect { source, .. } => Failure::Unreachable(format!(
+            "cannot reach vssd at {}: {source} (is vssd running? `--socket` names another)",
+            socket.display()
+        )),
+        ClientError::Closed => Failure::Unreachable("vssd closed the connection".into()),
+        ClientError::Silent { after, .. } | ClientError::NoReply { after, .. } => {
+            Failure::Unreachable(format!("no answer from vssd within {after:?}"))
         }
-    }
-
-    fn read_line(&mut self) -> Result<Vec<u8>, Failure> {
-        let mut line = Vec::new();
-        match self.r.read_until(b'\n', &mut line) {
-            Ok(0) => Err(Failure::Unreachable("vssd closed the connection".into())),
-            Ok(_) => Ok(line),
-            Err(e) => Err(Failure::Unreachable(format!("no answer from vssd: {e}"))),
-        }
-    }
-
-    fn call(&mut self, execute: &str, args: Value) -> Result<Value, Failure> {
-        let mut req = serde_json::to_vec(&json!({"execute": execute, "arguments": args})).unwrap();
-        req.push(b'\n');
-        self.w.write_all(&req).map_err(|e| Failure::Unreachable(e.to_string()))?;
-        let line = self.read_line()?;
-        let v: Value = serde_json::from_slice(&line).map_err(|e| Failure::Unreachable(format!("bad reply: {e}")))?;
-        if let Some(r) = v.get("return") {
-            return Ok(r.clone());
-        }
-        let desc = v["error"]["desc"].as_str().unwrap_or("unknown error").to_string();
-        Err(Failure::Refused(desc))
+        ClientError::Io(source) => Failure::Unreachable(format!("talking to vssd: {source}")),
+        ClientError::BadReply { source, .. } => Failure::Unreachable(format!("bad reply: {source}")),
+        other => Failure::Unreachable(other.to_string()),
     }
 }
 
@@ -170,7 +137,7 @@ fn run(cli: &Cli) -> Result<Value, Failure> {
             std::process::exit(0);
         }
         Cmd::Status => {
-            let v = Client::connect(&cli.socket, timeout)?.call("vssd-status", json!({}))?;
+            let v = call(&cli.socket, timeout, "vssd-status", json!({}))?;
             if !cli.json {
                 println!("status: {}", v["status"].as_str().unwrap_or("?"));
                 println!("scope:  {}", v["scope"].as_str().unwrap_or("?"));
@@ -190,7 +157,7 @@ fn run(cli: &Cli) -> Result<Value, Failure> {
         }
         Cmd::Plan { mountpoints } => {
             let args = if mountpoints.is_empty() { json!({}) } else { json!({"mountpoints": paths(mountpoints)}) };
-            let v = Client::connect(&cli.socket, timeout)?.call("vssd-plan", args)?;
+            let v = call(&cli.socket, timeout, "vssd-plan", args)?;
             if !cli.json {
                 print_mounts(&v);
             }
@@ -207,7 +174,7 @@ fn run(cli: &Cli) -> Result<Value, Failure> {
             if let Some(p) = cannot_freeze {
                 args["cannot-freeze"] = json!(p);
             }
-            let v = Client::connect(&cli.socket, timeout)?.call("vssd-freeze", args)?;
+            let v = call(&cli.socket, timeout, "vssd-freeze", args)?;
             if !cli.json {
                 print_mounts(&v);
                 println!(
@@ -220,7 +187,7 @@ fn run(cli: &Cli) -> Result<Value, Failure> {
             Ok(v)
         }
         Cmd::Thaw { all, scope, state_dir } => {
-            let via_vssd = Client::connect(&cli.socket, timeout).and_then(|mut c| c.call("vssd-thaw", json!({})));
+            let via_vssd = call(&cli.socket, timeout, "vssd-thaw", json!({}));
             match via_vssd {
                 Ok(v) => {
                     if !cli.json {

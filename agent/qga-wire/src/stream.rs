@@ -9,6 +9,8 @@
 //! not kept, and answered with an error once it ends); nesting is bounded likewise; after any
 //! error the splitter is ready for the next message.
 
+use crate::reply::QgaError;
+
 /// What the splitter found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -24,6 +26,23 @@ pub enum Event {
     Interrupted,
 }
 
+impl Event {
+    /// The error reply for an event that is not a message; None for a message. `max_bytes`
+    /// is the splitter's limit, named after vssd's setting so the host knows what to raise.
+    pub fn error(&self, max_bytes: usize) -> Option<QgaError> {
+        Some(QgaError::generic(match self {
+            Event::Message(_) => return None,
+            Event::TooLarge { len } => {
+                format!("request of {len} bytes exceeds the limit of {max_bytes} bytes (max-message-bytes)")
+            }
+            Event::TooDeep => "JSON nesting too deep".into(),
+            Event::Unbalanced => "JSON parse error, stray '}' or ']'".into(),
+            Event::Interrupted => "JSON parse error, message interrupted by a 0xFF reset byte; it was dropped".into(),
+        }))
+    }
+}
+
+/// qemu-ga's nesting limit (`MAX_NESTING`).
 const MAX_DEPTH: usize = 1024;
 
 /// Incremental splitter; feed it bytes as they arrive.
@@ -49,6 +68,7 @@ enum Drop {
 }
 
 impl Splitter {
+    /// A splitter that keeps at most `max_bytes` of one message.
     pub fn new(max_bytes: usize) -> Self {
         Splitter {
             max_bytes,
@@ -241,6 +261,16 @@ mod tests {
         m.extend(vec![b']'; 2000]);
         assert_eq!(s.feed(&m), vec![Event::TooDeep]);
         assert_eq!(msgs(s.feed(b"{}")), vec!["{}"]);
+    }
+
+    #[test]
+    fn events_other_than_messages_are_generic_errors() {
+        assert_eq!(Event::Message(b"{}".to_vec()).error(10), None);
+        let e = Event::TooLarge { len: 20 }.error(10).unwrap();
+        assert_eq!(e.class, crate::reply::ErrorClass::GenericError);
+        assert_eq!(e.desc, "request of 20 bytes exceeds the limit of 10 bytes (max-message-bytes)");
+        assert!(Event::Interrupted.error(10).unwrap().desc.contains("0xFF"));
+        assert!(Event::TooDeep.error(10).is_some() && Event::Unbalanced.error(10).is_some());
     }
 
     #[test]

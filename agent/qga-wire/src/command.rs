@@ -1,0 +1,616 @@
+//! Requests: the envelope, and the typed [`Command`] the agent runs.
+//!
+//! A request is `{"execute": NAME, "arguments": {...}, "id": ANY}`. It is checked in qemu-ga's
+//! order (docs/qga-wire.md, rule 5): a JSON object; no members but those three; `execute` a
+//! string; `arguments` an object; a known command ("has not been found" otherwise); allowed
+//! now ("has been disabled: the agent is in frozen state" otherwise); and only then its
+//! arguments, with the wording of QEMU's generated marshallers.
+//!
+//! Every command is declared once, in the `commands!` list below: its variant and argument
+//! types, its wire name, whether it may run while frozen, and how its arguments are read.
+//! `guest-info`'s list and the frozen-time set come from that list, and a name that is not
+//! in it is an error reply, never a panic. A new command is one entry there.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::reply::QgaError;
+
+/// Declares the commands: generates [`Command`] (with arguments), [`CommandName`] (without),
+/// and the one match from a name's arguments to a `Command`.
+///
+/// Each entry: `Variant { field: Type, .. } = "wire-name", while_frozen: BOOL` and, when the
+/// command takes arguments, `, parse: |a| EXPR` building the variant from `a: &mut Args`.
+/// Arguments that are left unread are "unexpected", as in QEMU.
+macro_rules! commands {
+    ($(
+        $(#[doc = $doc:literal])*
+        $variant:ident $({ $($field:ident : $ty:ty),* $(,)? })? = $wire:literal,
+        while_frozen: $frozen:literal
+        $(, parse: |$a:ident| $parse:expr)?;
+    )*) => {
+        /// A command the agent knows, with its arguments checked.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Command {
+            $( $(#[doc = $doc])* $variant $({ $($field: $ty),* })?, )*
+        }
+
+        /// The name of a command the agent knows, without its arguments.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum CommandName {
+            $( #[doc = concat!("`", $wire, "`")] $variant, )*
+        }
+
+        impl CommandName {
+            /// Every command, in the order `guest-info` lists them.
+            pub const ALL: &'static [CommandName] = &[$(CommandName::$variant),*];
+
+            /// The name on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self { $(CommandName::$variant => $wire,)* }
+            }
+
+            /// Whether it runs while filesystems are frozen (qemu-ga's "fsfreeze-safe" set,
+            /// and vssd's read-only and thaw commands).
+            pub fn allowed_while_frozen(self) -> bool {
+                match self { $(CommandName::$variant => $frozen,)* }
+            }
+
+            /// The command of this wire name, if the agent knows it.
+            pub fn from_wire(name: &str) -> Option<CommandName> {
+                match name {
+                    $($wire => Some(CommandName::$variant),)*
+                    _ => None,
+                }
+            }
+
+            fn parse_arguments(self, args: &mut Args) -> Result<Command, QgaError> {
+                match self {
+                    $(CommandName::$variant => commands!(@parse args, $variant $(, $a, $parse)?),)*
+                }
+            }
+        }
+
+        impl Command {
+            /// Its name.
+            pub fn name(&self) -> CommandName {
+                match self { $(Command::$variant { .. } => CommandName::$variant,)* }
+            }
+        }
+    };
+    (@parse $args:ident, $variant:ident) => { Ok(Command::$variant) };
+    (@parse $args:ident, $variant:ident, $a:ident, $parse:expr) => {{
+        let $a: &mut Args = $args;
+        Ok($parse)
+    }};
+}
+
+commands! {
+    /// Answers `id` after a 0xFF byte, so a client can find the answer after a reset.
+    SyncDelimited { id: i64 } = "guest-sync-delimited", while_frozen: true,
+        parse: |a| Command::SyncDelimited { id: a.required("id", Value::as_i64, "integer")? };
+    /// Answers `id`, to pair replies with requests.
+    Sync { id: i64 } = "guest-sync", while_frozen: true,
+        parse: |a| Command::Sync { id: a.required("id", Value::as_i64, "integer")? };
+    /// Answers `{}`.
+    Ping = "guest-ping", while_frozen: true;
+    /// The agent's version and commands, each with whether it is enabled now.
+    Info = "guest-info", while_frozen: true;
+    /// "frozen" or "thawed".
+    FsfreezeStatus = "guest-fsfreeze-status", while_frozen: true;
+    /// Freezes every eligible filesystem; answers how many.
+    FsfreezeFreeze = "guest-fsfreeze-freeze", while_frozen: false;
+    /// Freezes the listed mount points (absent: every eligible filesystem); answers how many.
+    FsfreezeFreezeList { mountpoints: Option<Vec<PathBuf>> } = "guest-fsfreeze-freeze-list", while_frozen: false,
+        parse: |a| Command::FsfreezeFreezeList { mountpoints: a.paths("mountpoints")? };
+    /// Thaws; answers how many filesystems.
+    FsfreezeThaw = "guest-fsfreeze-thaw", while_frozen: true;
+    /// vssd's freeze, with a per-mount report and its own options.
+    VssdFreeze {
+        mountpoints: Option<Vec<PathBuf>>,
+        deadline: Option<Duration>,
+        cannot_freeze: Option<CannotFreeze>,
+        bind_to_channel: bool,
+        app_failure: Option<AppFailure>,
+    } = "vssd-freeze", while_frozen: false,
+        parse: |a| vssd_freeze(a)?;
+    /// vssd's thaw, with a report.
+    VssdThaw = "vssd-thaw", while_frozen: true;
+    /// vssd's state: what is frozen, the deadline, the last automatic thaw.
+    VssdStatus = "vssd-status", while_frozen: true;
+    /// What a freeze of these mount points (absent: all) would do, and why.
+    VssdPlan { mountpoints: Option<Vec<PathBuf>> } = "vssd-plan", while_frozen: true,
+        parse: |a| Command::VssdPlan { mountpoints: a.paths("mountpoints")? };
+}
+
+/// `vssd-freeze`'s `cannot-freeze`: what to do with a filesystem that cannot be frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CannotFreeze {
+    /// `"skip"`: report it and freeze the rest.
+    Skip,
+    /// `"veto"`: fail before anything is frozen.
+    Veto,
+}
+
+/// `vssd-freeze`'s `app-failure`: what a failing application or hook does to the freeze.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppFailure {
+    /// `"continue"`: report it and freeze the rest.
+    Continue,
+    /// `"fail"`: fail before any filesystem is frozen.
+    Fail,
+}
+
+/// The longest `vssd-freeze` deadline, in seconds (a day).
+const MAX_DEADLINE_SECS: f64 = 86_400.0;
+
+fn vssd_freeze(a: &mut Args) -> Result<Command, QgaError> {
+    let mountpoints = a.paths("mountpoints")?;
+    let deadline = a.optional("deadline", Value::as_f64, "number")?;
+    let cannot_freeze = a.optional(
+        "cannot-freeze",
+        |v| match v.as_str()? {
+            "skip" => Some(CannotFreeze::Skip),
+            "veto" => Some(CannotFreeze::Veto),
+            _ => None,
+        },
+        "'skip' or 'veto'",
+    )?;
+    let bind_to_channel = a.optional("bind-to-channel", Value::as_bool, "bool")?.unwrap_or(true);
+    let app_failure = a.optional(
+        "app-failure",
+        |v| match v.as_str()? {
+            "continue" => Some(AppFailure::Continue),
+            "fail" => Some(AppFailure::Fail),
+            _ => None,
+        },
+        "'continue' or 'fail'",
+    )?;
+    // An unexpected member is reported before a deadline out of range, as always.
+    a.done()?;
+    let deadline = match deadline {
+        // Written so that NaN is out of range too.
+        Some(d) if !(d > 0.0 && d <= MAX_DEADLINE_SECS) => {
+            return Err(QgaError::generic("Parameter 'deadline' must be between 0 and 86400 seconds"))
+        }
+        d => d.map(Duration::from_secs_f64),
+    };
+    Ok(Command::VssdFreeze { mountpoints, deadline, cannot_freeze, bind_to_channel, app_failure })
+}
+
+/// A request whose envelope has been read: the top-level `id` (echoed in any reply) and the
+/// request, or the error to answer with.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The top-level `id`, any JSON value; None when absent or when the message was not an
+    /// object.
+    pub id: Option<Value>,
+    /// The request, or why it is refused.
+    pub request: Result<Request, QgaError>,
+}
+
+impl Incoming {
+    /// Reads one message (a complete JSON text from [`crate::stream::Splitter`]).
+    pub fn parse(msg: &[u8]) -> Incoming {
+        let refused = |e: QgaError| Incoming { id: None, request: Err(e) };
+        let v: Value = match serde_json::from_slice(msg) {
+            Ok(v) => v,
+            Err(e) => return refused(QgaError::generic(format!("JSON parse error, {e}"))),
+        };
+        let Value::Object(mut members) = v else {
+            return refused(QgaError::generic("QMP input must be a JSON object"));
+        };
+        let id = members.remove("id");
+        Incoming { id, request: Request::from_members(members) }
+    }
+}
+
+/// A request for a known command; its arguments are not checked yet, because qemu-ga checks
+/// whether the command is allowed first.
+#[derive(Debug, Clone)]
+pub struct Request {
+    name: CommandName,
+    arguments: Map<String, Value>,
+}
+
+impl Request {
+    fn from_members(mut m: Map<String, Value>) -> Result<Request, QgaError> {
+        if let Some(k) = m.keys().find(|k| !["execute", "arguments"].contains(&k.as_str())) {
+            return Err(QgaError::generic(format!("QMP input member '{k}' is unexpected")));
+        }
+        let name = match m.remove("execute") {
+            Some(Value::String(s)) => s,
+            Some(_) => return Err(QgaError::generic("QMP input member 'execute' must be a string")),
+            None => return Err(QgaError::generic("QMP input lacks member 'execute'")),
+        };
+        let arguments = match m.remove("arguments") {
+            None => Map::new(),
+            Some(Value::Object(a)) => a,
+            Some(_) => return Err(QgaError::generic("QMP input member 'arguments' must be an object")),
+        };
+        let name = CommandName::from_wire(&name).ok_or_else(|| QgaError::not_found(&name))?;
+        Ok(Request { name, arguments })
+    }
+
+    /// The command asked for.
+    pub fn name(&self) -> CommandName {
+        self.name
+    }
+
+    /// The command with its arguments checked; `frozen` says whether filesystems are frozen
+    /// now, which disables some commands before their arguments are looked at.
+    pub fn command(self, frozen: bool) -> Result<Command, QgaError> {
+        if frozen && !self.name.allowed_while_frozen() {
+            return Err(QgaError::disabled_while_frozen(self.name.as_str()));
+        }
+        let mut args = Args(self.arguments);
+        let cmd = self.name.parse_arguments(&mut args)?;
+        args.done()?;
+        Ok(cmd)
+    }
+}
+
+/// A command's arguments, read the way QEMU's generated marshallers read them.
+pub struct Args(Map<String, Value>);
+
+impl Args {
+    fn optional<T>(&mut self, key: &str, conv: impl Fn(&Value) -> Option<T>, ty: &str) -> Result<Option<T>, QgaError> {
+        match self.0.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => conv(&v)
+                .map(Some)
+                .ok_or_else(|| QgaError::generic(format!("Invalid parameter type for '{key}', expected: {ty}"))),
+        }
+    }
+
+    fn required<T>(&mut self, key: &str, conv: impl Fn(&Value) -> Option<T>, ty: &str) -> Result<T, QgaError> {
+        self.optional(key, conv, ty)?.ok_or_else(|| QgaError::generic(format!("Parameter '{key}' is missing")))
+    }
+
+    /// A list of paths, with QEMU's wording for each kind of wrong type.
+    fn paths(&mut self, key: &str) -> Result<Option<Vec<PathBuf>>, QgaError> {
+        let Some(v) = self.optional(key, |v| v.as_array().cloned(), "array")? else { return Ok(None) };
+        v.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.as_str().map(PathBuf::from).ok_or_else(|| {
+                    QgaError::generic(format!("Invalid parameter type for '{key}[{i}]', expected: string"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// Fails on the first argument nobody read.
+    fn done(&mut self) -> Result<(), QgaError> {
+        match self.0.keys().next() {
+            Some(k) => Err(QgaError::generic(format!("Parameter '{k}' is unexpected"))),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reply::ErrorClass;
+    use serde_json::json;
+
+    fn parse(msg: &str, frozen: bool) -> Result<Command, QgaError> {
+        Incoming::parse(msg.as_bytes()).request.and_then(|r| r.command(frozen))
+    }
+
+    fn err(msg: &str, frozen: bool) -> QgaError {
+        match parse(msg, frozen) {
+            Ok(c) => panic!("{msg}: parsed as {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn every_command_parses_with_its_arguments() {
+        let cases: &[(&str, Command)] = &[
+            (r#"{"execute":"guest-sync-delimited","arguments":{"id":42}}"#, Command::SyncDelimited { id: 42 }),
+            (r#"{"execute":"guest-sync","arguments":{"id":-5}}"#, Command::Sync { id: -5 }),
+            (r#"{"execute":"guest-sync","arguments":{"id":9223372036854775807}}"#, Command::Sync { id: i64::MAX }),
+            (r#"{"execute":"guest-ping"}"#, Command::Ping),
+            (r#"{"execute":"guest-ping","arguments":{}}"#, Command::Ping),
+            (r#"{"execute":"guest-info"}"#, Command::Info),
+            (r#"{"execute":"guest-fsfreeze-status"}"#, Command::FsfreezeStatus),
+            (r#"{"execute":"guest-fsfreeze-freeze"}"#, Command::FsfreezeFreeze),
+            (
+                r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/a","/b"]}}"#,
+                Command::FsfreezeFreezeList { mountpoints: Some(vec!["/a".into(), "/b".into()]) },
+            ),
+            (
+                r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":[]}}"#,
+                Command::FsfreezeFreezeList { mountpoints: Some(vec![]) },
+            ),
+            (r#"{"execute":"guest-fsfreeze-freeze-list"}"#, Command::FsfreezeFreezeList { mountpoints: None }),
+            (r#"{"execute":"guest-fsfreeze-thaw"}"#, Command::FsfreezeThaw),
+            (
+                r#"{"execute":"vssd-freeze","arguments":{"mountpoints":["/a"],"deadline":2.5,
+                    "cannot-freeze":"veto","bind-to-channel":false,"app-failure":"fail"}}"#,
+                Command::VssdFreeze {
+                    mountpoints: Some(vec!["/a".into()]),
+                    deadline: Some(Duration::from_millis(2500)),
+                    cannot_freeze: Some(CannotFreeze::Veto),
+                    bind_to_channel: false,
+                    app_failure: Some(AppFailure::Fail),
+                },
+            ),
+            (
+                r#"{"execute":"vssd-freeze","arguments":{"deadline":null,"cannot-freeze":"skip","app-failure":"continue"}}"#,
+                Command::VssdFreeze {
+                    mountpoints: None,
+                    deadline: None,
+                    cannot_freeze: Some(CannotFreeze::Skip),
+                    bind_to_channel: true,
+                    app_failure: Some(AppFailure::Continue),
+                },
+            ),
+            (r#"{"execute":"vssd-thaw"}"#, Command::VssdThaw),
+            (r#"{"execute":"vssd-status"}"#, Command::VssdStatus),
+            (r#"{"execute":"vssd-plan"}"#, Command::VssdPlan { mountpoints: None }),
+            (
+                r#"{"execute":"vssd-plan","arguments":{"mountpoints":["/x"]}}"#,
+                Command::VssdPlan { mountpoints: Some(vec!["/x".into()]) },
+            ),
+        ];
+        let mut seen = Vec::new();
+        for (msg, want) in cases {
+            let got = parse(msg, false).unwrap_or_else(|e| panic!("{msg}: {e}"));
+            assert_eq!(&got, want, "{msg}");
+            seen.push(got.name());
+        }
+        for n in CommandName::ALL {
+            assert!(seen.contains(n), "no parse case for {}", n.as_str());
+        }
+    }
+
+    #[test]
+    fn names_round_trip_and_are_unique() {
+        for (i, n) in CommandName::ALL.iter().enumerate() {
+            assert_eq!(CommandName::from_wire(n.as_str()), Some(*n));
+            assert!(CommandName::ALL[i + 1..].iter().all(|m| m.as_str() != n.as_str()), "{} twice", n.as_str());
+        }
+        assert_eq!(CommandName::ALL.len(), 12);
+    }
+
+    #[test]
+    fn the_frozen_set_is_qemu_gas_plus_vssds_read_only_and_thaw_commands() {
+        let allowed: Vec<&str> =
+            CommandName::ALL.iter().filter(|n| n.allowed_while_frozen()).map(|n| n.as_str()).collect();
+        assert_eq!(
+            allowed,
+            [
+                "guest-sync-delimited",
+                "guest-sync",
+                "guest-ping",
+                "guest-info",
+                "guest-fsfreeze-status",
+                "guest-fsfreeze-thaw",
+                "vssd-thaw",
+                "vssd-status",
+                "vssd-plan"
+            ]
+        );
+    }
+
+    /// docs/qga-wire.md, sections 1, 3 and 5: the errors and their order.
+    #[test]
+    fn errors_follow_qemu_ga_wording_and_order() {
+        use ErrorClass::*;
+        let cases: &[(&str, bool, ErrorClass, &str)] = &[
+            ("[1,2]", false, GenericError, "QMP input must be a JSON object"),
+            ("42", false, GenericError, "QMP input must be a JSON object"),
+            ("null", false, GenericError, "QMP input must be a JSON object"),
+            ("{}", false, GenericError, "QMP input lacks member 'execute'"),
+            (r#"{"foo":1}"#, false, GenericError, "QMP input member 'foo' is unexpected"),
+            (r#"{"foo":1,"execute":"guest-ping"}"#, false, GenericError, "QMP input member 'foo' is unexpected"),
+            (r#"{"execute":"no-such-cmd","extra":1}"#, false, GenericError, "QMP input member 'extra' is unexpected"),
+            (r#"{"execute":123,"extra":1}"#, false, GenericError, "QMP input member 'extra' is unexpected"),
+            (r#"{"execute":123}"#, false, GenericError, "QMP input member 'execute' must be a string"),
+            (r#"{"execute":null}"#, false, GenericError, "QMP input member 'execute' must be a string"),
+            (r#"{"execute":""}"#, false, CommandNotFound, "The command  has not been found"),
+            (r#"{"execute":"no-such-cmd"}"#, false, CommandNotFound, "The command no-such-cmd has not been found"),
+            (
+                r#"{"execute":"no-such-cmd","arguments":{"x":1}}"#,
+                false,
+                CommandNotFound,
+                "The command no-such-cmd has not been found",
+            ),
+            (
+                r#"{"execute":"no-such-cmd","arguments":[]}"#,
+                false,
+                GenericError,
+                "QMP input member 'arguments' must be an object",
+            ),
+            (r#"{"execute":"guest-sync"}"#, false, GenericError, "Parameter 'id' is missing"),
+            (r#"{"execute":"guest-sync","arguments":{}}"#, false, GenericError, "Parameter 'id' is missing"),
+            (
+                r#"{"execute":"guest-sync","arguments":{"id":1,"foo":2}}"#,
+                false,
+                GenericError,
+                "Parameter 'foo' is unexpected",
+            ),
+            (r#"{"execute":"guest-sync-delimited"}"#, false, GenericError, "Parameter 'id' is missing"),
+            (r#"{"execute":"guest-ping","arguments":{"x":1}}"#, false, GenericError, "Parameter 'x' is unexpected"),
+            (
+                r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":"/a"}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'mountpoints', expected: array",
+            ),
+            (
+                r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":[1]}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'mountpoints[0]', expected: string",
+            ),
+            (
+                r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/a"],"foo":1}}"#,
+                false,
+                GenericError,
+                "Parameter 'foo' is unexpected",
+            ),
+            // While frozen: the disabled check comes before the arguments.
+            (
+                r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":1}}"#,
+                true,
+                CommandNotFound,
+                "Command guest-fsfreeze-freeze-list has been disabled: the agent is in frozen state",
+            ),
+            (
+                r#"{"execute":"guest-fsfreeze-freeze"}"#,
+                true,
+                CommandNotFound,
+                "Command guest-fsfreeze-freeze has been disabled: the agent is in frozen state",
+            ),
+            (
+                r#"{"execute":"vssd-freeze"}"#,
+                true,
+                CommandNotFound,
+                "Command vssd-freeze has been disabled: the agent is in frozen state",
+            ),
+            (r#"{"execute":"no-such-cmd"}"#, true, CommandNotFound, "The command no-such-cmd has not been found"),
+            (
+                r#"{"execute":"vssd-freeze","arguments":{"deadline":0}}"#,
+                false,
+                GenericError,
+                "Parameter 'deadline' must be between 0 and 86400 seconds",
+            ),
+            (
+                r#"{"execute":"vssd-freeze","arguments":{"deadline":86401}}"#,
+                false,
+                GenericError,
+                "Parameter 'deadline' must be between 0 and 86400 seconds",
+            ),
+            (
+                r#"{"execute":"vssd-freeze","arguments":{"deadline":0,"x":1}}"#,
+                false,
+                GenericError,
+                "Parameter 'x' is unexpected",
+            ),
+            (
+                r#"{"execute":"vssd-freeze","arguments":{"deadline":"5"}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'deadline', expected: number",
+            ),
+            (
+                r#"{"execute":"vssd-freeze","arguments":{"cannot-freeze":"maybe"}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'cannot-freeze', expected: 'skip' or 'veto'",
+            ),
+            (
+                r#"{"execute":"vssd-freeze","arguments":{"app-failure":1}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'app-failure', expected: 'continue' or 'fail'",
+            ),
+            (
+                r#"{"execute":"vssd-freeze","arguments":{"bind-to-channel":"yes"}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'bind-to-channel', expected: bool",
+            ),
+        ];
+        for (msg, frozen, class, desc) in cases {
+            let e = err(msg, *frozen);
+            assert_eq!((e.class, e.desc.as_str()), (*class, *desc), "{msg}");
+        }
+        for id in ["9223372036854775808", "18446744073709551615", "1.5", "1e3", "true", "\"x\""] {
+            let e = err(&format!(r#"{{"execute":"guest-sync","arguments":{{"id":{id}}}}}"#), false);
+            assert_eq!(e.desc, "Invalid parameter type for 'id', expected: integer", "{id}");
+        }
+    }
+
+    #[test]
+    fn the_id_is_kept_whatever_its_type_and_also_on_errors() {
+        for id in [json!(7), json!("abc"), json!({"a": [1, 2]}), Value::Null, json!(true)] {
+            let msg = json!({"execute": "no-such-cmd", "id": id.clone()}).to_string();
+            let inc = Incoming::parse(msg.as_bytes());
+            assert_eq!(inc.id, Some(id));
+            assert!(inc.request.is_err());
+        }
+        assert_eq!(Incoming::parse(b"[1]").id, None);
+        assert_eq!(Incoming::parse(b"{\"execute\":").id, None);
+    }
+
+    /// Odd names and argument shapes: every one is an answer, never a panic, and only one of
+    /// qemu-ga's two classes.
+    #[test]
+    fn no_name_or_argument_shape_panics() {
+        let odd_values = [
+            json!(null),
+            json!(true),
+            json!(0),
+            json!(-1),
+            json!(1.5e308),
+            json!(u64::MAX),
+            json!(""),
+            json!("x\u{0}y"),
+            json!("\u{FFFD}"),
+            json!([]),
+            json!([null]),
+            json!([[["deep"]]]),
+            json!([1, "a"]),
+            json!({}),
+            json!({"": {}}),
+        ];
+        let mut names: Vec<String> = CommandName::ALL.iter().map(|n| n.as_str().to_string()).collect();
+        let known = names.clone();
+        for n in &known {
+            names.extend([
+                n.to_uppercase(),
+                format!("{n} "),
+                format!(" {n}"),
+                format!("{n}\u{0}"),
+                n[..n.len() - 1].into(),
+            ]);
+        }
+        names.extend(["".into(), "guest-".into(), "vssd-".into(), "é".into(), "x".repeat(10_000), "\u{FFFD}".into()]);
+        let keys = ["id", "mountpoints", "deadline", "cannot-freeze", "bind-to-channel", "app-failure", "", "x"];
+        let mut count = 0;
+        for name in &names {
+            let mut argsets = vec![None, Some(json!([])), Some(json!("a")), Some(json!(null)), Some(json!({}))];
+            for k in keys {
+                for v in &odd_values {
+                    argsets.push(Some(json!({ k: v })));
+                }
+            }
+            for args in argsets {
+                let mut msg = json!({ "execute": name });
+                if let Some(a) = args {
+                    msg["arguments"] = a;
+                }
+                for frozen in [false, true] {
+                    count += 1;
+                    match parse(&msg.to_string(), frozen) {
+                        Ok(cmd) => assert!(known.contains(&cmd.name().as_str().to_string())),
+                        Err(e) => {
+                            assert!(!e.desc.is_empty());
+                            // `arguments` that is not an object is refused before the lookup.
+                            let args_ok = !matches!(msg.get("arguments"), Some(a) if !a.is_object());
+                            if !known.contains(name) && args_ok {
+                                assert_eq!(e.class, ErrorClass::CommandNotFound, "{msg}: {e}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(count > 10_000, "{count}");
+        // And envelopes that are not what a client sends.
+        for msg in
+            ["", " ", "{", "}", "\"execute\"", "{\"execute\":{}}", "{\"execute\":[\"guest-ping\"]}", "{\"id\":1}"]
+        {
+            let inc = Incoming::parse(msg.as_bytes());
+            assert_eq!(inc.request.unwrap_err().class, ErrorClass::GenericError, "{msg}");
+        }
+    }
+}
