@@ -1087,11 +1087,7 @@ mod tests {
     #[test]
     fn errors_print_their_source_once() {
         let io = || io::Error::new(io::ErrorKind::NotFound, "no such socket here");
-        for e in [
-            Error::Connect { path: "/run/x.sock".into(), source: io() },
-            Error::Io(io()),
-            Error::Thread(io()),
-        ] {
+        for e in [Error::Connect { path: "/run/x.sock".into(), source: io() }, Error::Io(io()), Error::Thread(io())] {
             assert!(!e.to_string().contains("no such socket here"), "{e}");
             let c = chain(&e);
             assert_eq!(c.matches("no such socket here").count(), 1, "{c}");

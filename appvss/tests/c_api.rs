@@ -89,7 +89,7 @@ fn compile_c(source: &Path, out: &Path) {
         .arg(source)
         .arg("-I")
         .arg(crate_dir().join("include"))
-        .arg(&lib)
+        .arg(lib)
         .args(["-lpthread", "-ldl", "-lm", "-lrt"])
         .status()
         .unwrap_or_else(|e| panic!("cannot run {cc} (a C compiler is needed for this test): {e}"));

@@ -166,7 +166,8 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn an_oversized_line_is_one_error_and_the_next_line_is_read() {
-        let data: &'static [u8] = [b"{\"a\":1}\n".to_vec(), vec![b'x'; 100_000], b"\n{\"b\":2}\n".to_vec()].concat().leak();
+        let data: &'static [u8] =
+            [b"{\"a\":1}\n".to_vec(), vec![b'x'; 100_000], b"\n{\"b\":2}\n".to_vec()].concat().leak();
         let mut r = reader(data, 32);
         assert_eq!(r.next_line().await.unwrap().unwrap(), b"{\"a\":1}");
         assert!(matches!(r.next_line().await, Err(FrameError::TooLarge { max: 32 })));
