@@ -167,13 +167,13 @@ fn guarded<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
 ///
 /// # Safety
 /// `p` is NULL or points to a NUL-terminated string that stays valid during the call.
-unsafe fn opt_str(p: *const c_char) -> Result<Option<String>, ()> {
+unsafe fn opt_str(p: *const c_char) -> Result<Option<String>, std::str::Utf8Error> {
     if p.is_null() {
         return Ok(None);
     }
     // SAFETY: non-NULL, and the caller promises a NUL-terminated string valid for this call.
     let s = unsafe { CStr::from_ptr(p) };
-    s.to_str().map(|s| Some(s.to_string())).map_err(|_| ())
+    s.to_str().map(|s| Some(s.to_string()))
 }
 
 fn ms_until(t: Instant) -> u64 {

@@ -19,7 +19,7 @@
 //! ```no_run
 //! use appvss::client::{Client, Event, Options};
 //!
-//! # async fn flush_everything() -> Result<(), String> { Ok(()) }
+//! # async fn flush_everything() -> std::io::Result<()> { Ok(()) }
 //! # async fn demo() -> Result<(), appvss::Error> {
 //! let mut vss = Client::connect(Options::new("orders-db"))?;
 //! loop {
