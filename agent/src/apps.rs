@@ -11,8 +11,11 @@
 //! - An app that disconnects counts as released; a question it had not answered is answered
 //!   `disconnected` at once.
 //! - Every app that got PREPARE for a freeze gets exactly one THAW for it.
-//! - A misbehaving app gets a specific error; only a bad hello, an unsupported version or a
-//!   registration over the uid cap close its connection.
+//! - A misbehaving app gets a specific error; only a bad hello (also a second one), an
+//!   unsupported version or a registration over the uid cap close its connection. After the
+//!   hello, messages are `AppAnswer`s, which have no hello: nothing an app sends can panic.
+//! - The wire format, the name rules and the line limit are appvss-proto's, the same code the
+//!   client library uses. What an app can make vssd log is rate-limited (`ratelimit`).
 
 use std::collections::HashMap;
 use std::io;
