@@ -11,8 +11,11 @@
 //! - An app that disconnects counts as released; a question it had not answered is answered
 //!   `disconnected` at once.
 //! - Every app that got PREPARE for a freeze gets exactly one THAW for it.
-//! - A misbehaving app gets a specific error; only a bad hello, an unsupported version or a
-//!   registration over the uid cap close its connection.
+//! - A misbehaving app gets a specific error; only a bad hello (also a second one), an
+//!   unsupported version or a registration over the uid cap close its connection. After the
+//!   hello, messages are `AppAnswer`s, which have no hello: nothing an app sends can panic.
+//! - The wire format, the name rules and the line limit are appvss-proto's, the same code the
+//!   client library uses. What an app can make vssd log is rate-limited (`ratelimit`).
 
 use std::collections::HashMap;
 use std::io;
@@ -22,12 +25,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use appvss::proto::{self, AgentMessage, AppMessage, ErrorCode, ThawReason};
+use appvss_proto::{
+    self as proto, AgentMessage, AppAnswer, AppMessage, ErrorCode, FrameError, Hello, LineReader, ThawReason,
+};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// What an app answered (or did instead) in one phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -136,7 +141,8 @@ impl Apps {
                         tokio::spawn(async move { me.serve(s).await });
                     }
                     Err(e) => {
-                        warn!(error = %e, "app accept failed");
+                        // Connections churning can run out of descriptors on every accept.
+                        crate::warn_limited!(error = %e, "app accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
@@ -149,48 +155,20 @@ impl Apps {
         let cred = s.peer_cred().ok();
         let uid = cred.map(|c| c.uid()).unwrap_or(u32::MAX);
         let pid = cred.and_then(|c| c.pid());
-        let (mut rd, mut wr) = s.into_split();
-        let mut lines = LineReader::new(proto::MAX_MESSAGE_BYTES);
+        let (rd, mut wr) = s.into_split();
+        let mut lines = LineReader::new(rd, proto::MAX_MESSAGE_BYTES);
         // The hello, within a bound, so a silent connection does not hold a slot forever.
-        let hello = tokio::time::timeout(Duration::from_secs(10), lines.next(&mut rd)).await;
-        let (hello_id, name, version) = match hello {
-            Ok(Some(Ok(line))) => match serde_json::from_slice::<AppMessage>(&line) {
-                Ok(AppMessage::Hello { id, name, min_version, max_version }) => {
-                    if name.is_empty() || name.len() > proto::MAX_NAME_BYTES || name.chars().any(char::is_control) {
-                        let m =
-                            format!("the name must be 1 to {} bytes without control characters", proto::MAX_NAME_BYTES);
-                        return fatal(&mut wr, Some(id), ErrorCode::BadHello, m).await;
-                    }
-                    match proto::negotiate(min_version, max_version) {
-                        Some(v) => (id, name, v),
-                        None => {
-                            let m = format!(
-                                "no common protocol version: the app speaks {min_version}..{max_version}, vssd {}..{}",
-                                proto::MIN_PROTOCOL_VERSION,
-                                proto::PROTOCOL_VERSION
-                            );
-                            return fatal(&mut wr, Some(id), ErrorCode::VersionUnsupported, m).await;
-                        }
-                    }
-                }
-                Ok(_) => {
-                    return fatal(&mut wr, None, ErrorCode::BadHello, "the first message must be a hello".into()).await
-                }
-                Err(e) => return fatal(&mut wr, None, ErrorCode::BadHello, format!("not a hello: {e}")).await,
-            },
-            Ok(Some(Err(too_long))) => {
-                return fatal(
-                    &mut wr,
-                    None,
-                    ErrorCode::TooLarge,
-                    format!("hello of {too_long} bytes is over the limit"),
-                )
-                .await
-            }
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut lines)).await.unwrap_or_else(|_| {
+            let message = format!("no hello within {} s", HELLO_TIMEOUT.as_secs());
+            Err(Refusal { re: None, code: ErrorCode::BadHello, message })
+        });
+        let (hello, version) = match hello {
+            Ok(Some(h)) => h,
             Ok(None) => return,
-            Err(_) => return fatal(&mut wr, None, ErrorCode::BadHello, "no hello within 10 s".into()).await,
+            Err(r) => return refuse(&mut wr, uid, pid, r).await,
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<AgentMessage>();
+        let name = hello.name;
         let registered = {
             let mut conns = self.lock();
             let of_uid = conns.values().filter(|c| c.uid == uid).count();
@@ -208,12 +186,14 @@ impl Apps {
         let app_id = match registered {
             Ok(id) => id,
             Err(of_uid) => {
-                let m = format!("uid {uid} already has {of_uid} registrations, the most vssd allows (app-max-per-uid)");
-                return fatal(&mut wr, Some(hello_id), ErrorCode::TooManyRegistrations, m).await;
+                let message =
+                    format!("uid {uid} already has {of_uid} registrations, the most vssd allows (app-max-per-uid)");
+                let r = Refusal { re: Some(hello.id), code: ErrorCode::TooManyRegistrations, message };
+                return refuse(&mut wr, uid, pid, r).await;
             }
         };
-        info!(app_id, name = %name, uid, pid, "app registered");
-        let _ = tx.send(AgentMessage::Welcome { re: hello_id, version, app_id });
+        crate::info_limited!(app_id, name = %name, uid, pid, "app registered");
+        let _ = tx.send(AgentMessage::Welcome { re: hello.id, version, app_id });
         let writer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
                 if wr.write_all(&proto::encode(&m)).await.is_err() {
@@ -221,41 +201,30 @@ impl Apps {
                 }
             }
         });
+        // Registered: from here on the app sends answers; a hello is a protocol error.
+        let complain = |re: Option<u64>, code: ErrorCode, message: String, fatal: bool| {
+            crate::warn_limited!(app_id, name = %name, code = proto::code_name(code), %message, "app sent a bad message");
+            let _ = tx.send(AgentMessage::Error { re, code, message, fatal });
+        };
         loop {
-            let line = match lines.next(&mut rd).await {
-                None => break,
-                Some(Err(len)) => {
-                    let _ = tx.send(AgentMessage::Error {
-                        re: None,
-                        code: ErrorCode::TooLarge,
-                        message: format!(
-                            "message of {len} bytes is over the limit of {} bytes; ignored",
-                            proto::MAX_MESSAGE_BYTES
-                        ),
-                        fatal: false,
-                    });
-                    continue;
-                }
-                Some(Ok(line)) => line,
-            };
-            match serde_json::from_slice::<AppMessage>(&line) {
-                Ok(AppMessage::Hello { id, .. }) => {
-                    let _ = tx.send(AgentMessage::Error {
-                        re: Some(id),
-                        code: ErrorCode::BadHello,
-                        message: "already registered: one hello per connection".into(),
-                        fatal: true,
-                    });
-                    break;
-                }
-                Ok(m) => self.answer(app_id, m, &tx),
-                Err(e) => {
-                    let _ = tx.send(AgentMessage::Error {
-                        re: None,
-                        code: ErrorCode::BadMessage,
-                        message: format!("{e}; ignored"),
-                        fatal: false,
-                    });
+            match lines.next_message::<AppMessage>().await {
+                Ok(None) | Err(FrameError::Io(_)) => break,
+                Ok(Some(m)) => match m.into_answer() {
+                    Ok(a) => self.answer(app_id, a, &tx),
+                    Err(second) => {
+                        let m = "already registered: one hello per connection".to_string();
+                        complain(Some(second.id), ErrorCode::BadHello, m, true);
+                        break;
+                    }
+                },
+                Err(FrameError::TooLarge { max }) => complain(
+                    None,
+                    ErrorCode::TooLarge,
+                    format!("message over the limit of {max} bytes; ignored"),
+                    false,
+                ),
+                Err(FrameError::Decode(e)) => {
+                    complain(None, ErrorCode::BadMessage, format!("{}; ignored", e.detail()), false)
                 }
             }
         }
@@ -267,17 +236,16 @@ impl Apps {
         }
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-        info!(app_id, name = %name, "app disconnected");
+        crate::info_limited!(app_id, name = %name, "app disconnected");
     }
 
-    fn answer(&self, app_id: u64, m: AppMessage, tx: &mpsc::UnboundedSender<AgentMessage>) {
-        let (re, answer, reason, phase) = match m {
-            AppMessage::Ready { re } => (re, Answer::Ready, None, Phase::Prepare),
-            AppMessage::Veto { re, reason } => (re, Answer::Vetoed, Some(reason), Phase::Prepare),
-            AppMessage::Held { re } => (re, Answer::Held, None, Phase::Freeze),
-            AppMessage::Failed { re, reason } => (re, Answer::Failed, Some(reason), Phase::Freeze),
-            AppMessage::Thawed { re } => (re, Answer::Ready, None, Phase::Thaw),
-            AppMessage::Hello { .. } => unreachable!("handled by the caller"),
+    fn answer(&self, app_id: u64, a: AppAnswer, tx: &mpsc::UnboundedSender<AgentMessage>) {
+        let (re, answer, reason, phase) = match a {
+            AppAnswer::Ready { re } => (re, Answer::Ready, None, Phase::Prepare),
+            AppAnswer::Veto { re, reason } => (re, Answer::Vetoed, Some(reason), Phase::Prepare),
+            AppAnswer::Held { re } => (re, Answer::Held, None, Phase::Freeze),
+            AppAnswer::Failed { re, reason } => (re, Answer::Failed, Some(reason), Phase::Freeze),
+            AppAnswer::Thawed { re } => (re, Answer::Ready, None, Phase::Thaw),
         };
         let mut conns = self.lock();
         let Some(c) = conns.get_mut(&app_id) else { return };
@@ -429,8 +397,57 @@ impl Apps {
     }
 }
 
-async fn fatal(wr: &mut tokio::net::unix::OwnedWriteHalf, re: Option<u64>, code: ErrorCode, message: String) {
-    warn!(?code, %message, "refusing an app connection");
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Lines = LineReader<tokio::net::unix::OwnedReadHalf>;
+
+/// Why a connection is not registered: sent as a fatal error, then the connection closes.
+struct Refusal {
+    re: Option<u64>,
+    code: ErrorCode,
+    message: String,
+}
+
+/// The hello and the version both sides speak; `None` when the connection ends before a
+/// hello (nothing to answer).
+async fn read_hello(lines: &mut Lines) -> Result<Option<(Hello, u32)>, Refusal> {
+    let refusal = |re, code, message| Refusal { re, code, message };
+    let hello = match lines.next_message::<AppMessage>().await {
+        Ok(None) | Err(FrameError::Io(_)) => return Ok(None),
+        Ok(Some(m)) => match m.into_hello() {
+            Ok(h) => h,
+            Err(_) => return Err(refusal(None, ErrorCode::BadHello, "the first message must be a hello".into())),
+        },
+        Err(FrameError::TooLarge { max }) => {
+            return Err(refusal(None, ErrorCode::TooLarge, format!("hello over the limit of {max} bytes")))
+        }
+        Err(FrameError::Decode(e)) => {
+            return Err(refusal(None, ErrorCode::BadHello, format!("not a hello: {}", e.detail())))
+        }
+    };
+    if let Err(e) = proto::check_name(&hello.name) {
+        return Err(refusal(Some(hello.id), ErrorCode::BadHello, e.to_string()));
+    }
+    match proto::negotiate(hello.min_version, hello.max_version) {
+        Some(v) => Ok(Some((hello, v))),
+        None => {
+            let m = format!(
+                "no common protocol version: the app speaks {}..{}, vssd {}..{}",
+                hello.min_version,
+                hello.max_version,
+                proto::MIN_PROTOCOL_VERSION,
+                proto::PROTOCOL_VERSION
+            );
+            Err(refusal(Some(hello.id), ErrorCode::VersionUnsupported, m))
+        }
+    }
+}
+
+async fn refuse(wr: &mut tokio::net::unix::OwnedWriteHalf, uid: u32, pid: Option<i32>, r: Refusal) {
+    let Refusal { re, code, message } = r;
+    // A local user can connect and misbehave in a loop: limited, so it cannot fill the journal.
+    crate::warn_limited!(code = proto::code_name(code), %message, uid, pid, "refusing an app connection");
     let _ = wr.write_all(&proto::encode(&AgentMessage::Error { re, code, message, fatal: true })).await;
     let _ = wr.shutdown().await;
 }
@@ -472,56 +489,111 @@ fn local_gid(group_file: &Path, name: &str) -> Option<u32> {
     })
 }
 
-/// Reads `\n`-terminated lines up to a limit; a longer line is skipped to its end and
-/// reported as `Err(length)`.
-struct LineReader {
-    max: usize,
-    buf: Vec<u8>,
-    start: usize,
-    skipping: Option<usize>,
-}
-
-impl LineReader {
-    fn new(max: usize) -> Self {
-        LineReader { max, buf: Vec::with_capacity(1024), start: 0, skipping: None }
-    }
-
-    async fn next<R: AsyncReadExt + Unpin>(&mut self, r: &mut R) -> Option<Result<Vec<u8>, usize>> {
-        loop {
-            if let Some(pos) = self.buf[self.start..].iter().position(|&b| b == b'\n') {
-                let end = self.start + pos;
-                let line = self.buf[self.start..end].to_vec();
-                self.start = end + 1;
-                if let Some(skipped) = self.skipping.take() {
-                    return Some(Err(skipped + line.len() + 1));
-                }
-                if line.len() + 1 > self.max {
-                    return Some(Err(line.len() + 1));
-                }
-                return Some(Ok(line));
-            }
-            let pending = self.buf.len() - self.start;
-            if pending >= self.max {
-                // Too long already: drop what we have, remember how much, keep reading to the newline.
-                self.skipping = Some(self.skipping.unwrap_or(0) + pending);
-                self.buf.clear();
-                self.start = 0;
-            } else if self.start > 0 {
-                self.buf.drain(..self.start);
-                self.start = 0;
-            }
-            let mut chunk = [0u8; 8192];
-            match r.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncBufReadExt;
+
     use super::*;
+
+    fn apps() -> Arc<Apps> {
+        Apps::new(AppSettings {
+            socket: "/nonexistent/appvss.sock".into(),
+            group: "vssd".into(),
+            mode: 0o660,
+            max_per_uid: 4,
+        })
+    }
+
+    /// An app on one end of a socket pair whose other end `apps` serves.
+    struct Peer {
+        rd: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+        wr: tokio::net::unix::OwnedWriteHalf,
+    }
+
+    impl Peer {
+        fn connect(apps: &Arc<Apps>) -> Peer {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            tokio::spawn(apps.clone().serve(theirs));
+            let (rd, wr) = ours.into_split();
+            Peer { rd: tokio::io::BufReader::new(rd), wr }
+        }
+
+        async fn send(&mut self, line: &[u8]) {
+            self.wr.write_all(line).await.unwrap();
+        }
+
+        async fn recv(&mut self) -> Option<AgentMessage> {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(5), self.rd.read_line(&mut line)).await.unwrap().unwrap();
+            (n > 0).then(|| serde_json::from_str(&line).unwrap())
+        }
+
+        async fn hello(&mut self, name: &str) -> AgentMessage {
+            let h = AppMessage::Hello { id: 1, name: name.into(), min_version: 1, max_version: 1 };
+            self.send(&proto::encode(&h)).await;
+            self.recv().await.unwrap()
+        }
+    }
+
+    fn error(m: Option<AgentMessage>) -> (ErrorCode, bool, String) {
+        match m {
+            Some(AgentMessage::Error { code, fatal, message, .. }) => (code, fatal, message),
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_hello_is_a_fatal_bad_hello_not_a_panic() {
+        let apps = apps();
+        let mut p = Peer::connect(&apps);
+        assert!(matches!(p.hello("db").await, AgentMessage::Welcome { re: 1, version: 1, .. }));
+        assert_eq!(apps.count(), 1);
+        p.send(b"{\"type\":\"hello\",\"id\":2,\"name\":\"db\",\"min_version\":1,\"max_version\":1}\n").await;
+        let (code, fatal, message) = error(p.recv().await);
+        assert_eq!((code, fatal), (ErrorCode::BadHello, true), "{message}");
+        assert!(p.recv().await.is_none(), "closed after the fatal error");
+        // The registration is gone, and vssd serves the next app.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(apps.count(), 0);
+        let mut q = Peer::connect(&apps);
+        assert!(matches!(q.hello("next").await, AgentMessage::Welcome { .. }));
+    }
+
+    #[tokio::test]
+    async fn garbage_after_the_hello_gets_errors_and_the_app_stays_registered() {
+        let apps = apps();
+        let mut p = Peer::connect(&apps);
+        p.hello("db").await;
+        let mut big = vec![b'x'; proto::MAX_MESSAGE_BYTES * 2];
+        big.push(b'\n');
+        p.send(&big).await;
+        assert_eq!(error(p.recv().await).0, ErrorCode::TooLarge);
+        p.send(b"\xff\xfe\n").await;
+        assert_eq!(error(p.recv().await).0, ErrorCode::BadMessage);
+        p.send(b"{\"type\":\"dance\"}\n").await;
+        let (code, fatal, message) = error(p.recv().await);
+        assert_eq!((code, fatal), (ErrorCode::BadMessage, false));
+        assert!(message.contains("dance") && message.ends_with("; ignored"), "{message}");
+        p.send(b"{\"type\":\"held\",\"re\":9}\n").await;
+        assert_eq!(error(p.recv().await).0, ErrorCode::UnexpectedReply);
+        assert_eq!(apps.count(), 1);
+    }
+
+    #[tokio::test]
+    async fn bad_hellos_are_refused_with_the_reason() {
+        let apps = apps();
+        let mut p = Peer::connect(&apps);
+        let (code, _, message) = error(Some(p.hello("a\u{1}b").await));
+        assert_eq!(code, ErrorCode::BadHello);
+        assert!(message.contains("control character"), "{message}");
+        let mut p = Peer::connect(&apps);
+        p.send(b"{\"type\":\"ready\",\"re\":1}\n").await;
+        assert_eq!(error(p.recv().await), (ErrorCode::BadHello, true, "the first message must be a hello".into()));
+        let mut p = Peer::connect(&apps);
+        p.send(&vec![b'{'; proto::MAX_MESSAGE_BYTES + 1]).await;
+        assert_eq!(error(p.recv().await).0, ErrorCode::TooLarge);
+        assert_eq!(apps.count(), 0);
+    }
 
     #[test]
     fn local_gid_reads_the_group_file() {
@@ -530,16 +602,5 @@ mod tests {
         std::fs::write(&f, "root:x:0:\nvssdx:x:7:\nvssd:x:998:alice,bob\n").unwrap();
         assert_eq!(local_gid(&f, "vssd"), Some(998));
         assert_eq!(local_gid(&f, "nobody"), None);
-    }
-
-    #[tokio::test]
-    async fn line_reader_splits_lines_and_skips_overlong_ones() {
-        let data = [b"{\"a\":1}\n".to_vec(), vec![b'x'; 100], b"\n{\"b\":2}\n".to_vec()].concat();
-        let mut r = &data[..];
-        let mut l = LineReader::new(32);
-        assert_eq!(l.next(&mut r).await, Some(Ok(b"{\"a\":1}".to_vec())));
-        assert_eq!(l.next(&mut r).await, Some(Err(101)));
-        assert_eq!(l.next(&mut r).await, Some(Ok(b"{\"b\":2}".to_vec())));
-        assert_eq!(l.next(&mut r).await, None);
     }
 }

@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod marker;
 pub mod plan;
 pub mod qga;
+pub mod ratelimit;
 pub mod server;
 pub mod service;
 pub mod workers;

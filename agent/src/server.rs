@@ -119,7 +119,7 @@ async fn serve_unix(agent: Arc<Agent>, l: UnixListener) {
                 tokio::spawn(run_session(agent.clone(), id, s));
             }
             Err(e) => {
-                warn!(error = %e, "accept failed");
+                crate::warn_limited!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -142,7 +142,7 @@ async fn serve_vsock(agent: Arc<Agent>, l: AsyncFd<OwnedFd>) {
                 tokio::spawn(run_session(agent.clone(), id, s));
             }
             Err(e) => {
-                warn!(error = %e, "vsock accept failed");
+                crate::warn_limited!(error = %e, "vsock accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -223,7 +223,7 @@ async fn serve_port(agent: Arc<Agent>, path: PathBuf, fd: OwnedFd) {
             Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => wait_port(&wake).await,
             Err(e) => {
                 // Not the EOF of an absent host: do not spin on a port in a strange state.
-                warn!(port = %path.display(), error = %e, "reading the virtio-serial port failed");
+                crate::warn_limited!(port = %path.display(), error = %e, "reading the virtio-serial port failed");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }

@@ -25,7 +25,7 @@ use crate::engine::{self, AutoThawReason, FrozenFs, FrozenState, Kernel, Lifecyc
 use crate::hooks::{self, HookOutcome, HookRun};
 use crate::marker::Marker;
 use crate::plan::{self, CannotFreezePolicy, Outcome, Plan, PlanOptions};
-use appvss::proto::ThawReason;
+use appvss_proto::ThawReason;
 
 /// A freeze request, whichever command it came from.
 #[derive(Debug, Clone, Default)]

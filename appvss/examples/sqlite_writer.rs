@@ -104,7 +104,8 @@ fn main() -> std::process::ExitCode {
     let client = match Client::connect(options) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("sqlite_writer: {e}");
+            // `{:#}` prints the error with its sources, each once.
+            eprintln!("sqlite_writer: {:#}", anyhow::Error::from(e));
             return std::process::ExitCode::from(2);
         }
     };
@@ -173,13 +174,13 @@ fn serve_vssd(mut client: Client, db: &Db) {
         let ev = match client.next_event() {
             Ok(ev) => ev,
             Err(e) => {
-                eprintln!("sqlite_writer: appvss client stopped: {e}");
+                eprintln!("sqlite_writer: appvss client stopped: {:#}", anyhow::Error::from(e));
                 return;
             }
         };
         match ev {
             Event::Connected { app_id, .. } => eprintln!("sqlite_writer: registered with vssd (app {app_id})"),
-            Event::Disconnected(e) => eprintln!("sqlite_writer: vssd went away: {e}"),
+            Event::Disconnected(e) => eprintln!("sqlite_writer: vssd went away: {:#}", anyhow::Error::from(e)),
             Event::Prepare(req) => req.ready(),
             Event::Freeze(req) => {
                 let freeze_id = req.freeze_id();

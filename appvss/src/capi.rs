@@ -10,8 +10,8 @@
 //! The one module of the crate with `unsafe`: every block dereferences a pointer the C caller
 //! passed, under the contract written in the header (pointers from `appvss_connect`, not yet
 //! closed; NUL-terminated strings; a writable event). No panic crosses the boundary: every
-//! entry point runs under `catch_unwind` and answers `APPVSS_ERR_PANIC` instead.
-#![allow(unsafe_code)]
+//! entry point runs under `catch_unwind` and answers `APPVSS_ERR_PANIC` instead. (`lib.rs`
+//! allows `unsafe_code` for this module alone.)
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use std::cell::RefCell;
@@ -137,19 +137,10 @@ fn set_error(msg: impl std::fmt::Display) {
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
 
-/// An error and its sources, on one line.
-fn chain(e: &Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s
+/// An error and its sources, each once, on one line (every error's `Display` leaves its
+/// source to the chain).
+fn chain(e: Error) -> String {
+    format!("{:#}", anyhow::Error::from(e))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -176,13 +167,13 @@ fn guarded<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
 ///
 /// # Safety
 /// `p` is NULL or points to a NUL-terminated string that stays valid during the call.
-unsafe fn opt_str(p: *const c_char) -> Result<Option<String>, ()> {
+unsafe fn opt_str(p: *const c_char) -> Result<Option<String>, std::str::Utf8Error> {
     if p.is_null() {
         return Ok(None);
     }
     // SAFETY: non-NULL, and the caller promises a NUL-terminated string valid for this call.
     let s = unsafe { CStr::from_ptr(p) };
-    s.to_str().map(|s| Some(s.to_string())).map_err(|_| ())
+    s.to_str().map(|s| Some(s.to_string()))
 }
 
 fn ms_until(t: Instant) -> u64 {
@@ -220,7 +211,7 @@ impl AppvssClient {
                 out.version = version;
             }
             Event::Disconnected(e) => {
-                set_error(chain(&e));
+                set_error(chain(e));
                 out.kind = AppvssEventKind::Disconnected;
             }
             Event::Prepare(req) => {
@@ -286,7 +277,7 @@ pub unsafe extern "C" fn appvss_connect(name: *const c_char, socket: *const c_ch
                 Box::into_raw(Box::new(AppvssClient { events: Mutex::new(c), pending: Mutex::new(Pending::default()) }))
             }
             Err(e) => {
-                set_error(chain(&e));
+                set_error(chain(e));
                 std::ptr::null_mut()
             }
         }
@@ -333,7 +324,7 @@ pub unsafe extern "C" fn appvss_next_event(
         let (code, ev) = match c.next_event(timeout_ms) {
             Ok(ev) => (c_int::from(ev.kind != AppvssEventKind::None), ev),
             Err(e) => {
-                set_error(chain(&e));
+                set_error(chain(e));
                 (APPVSS_ERR_STOPPED, AppvssEvent::none())
             }
         };

@@ -30,8 +30,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::framing::{LineError, LineReader};
-use crate::proto::{self, AgentMessage, AppMessage, ErrorCode, ThawReason};
+use crate::proto::{self, AgentMessage, AppMessage, ErrorCode, FrameError, LineReader, ThawReason};
 
 /// The environment variable that overrides [`proto::DEFAULT_SOCKET`].
 pub const SOCKET_ENV: &str = "APPVSS_SOCKET";
@@ -40,7 +39,7 @@ pub const SOCKET_ENV: &str = "APPVSS_SOCKET";
 pub const MAX_REASON_BYTES: usize = 4096;
 
 /// What went wrong. Messages are short and say what to do next; `Display` does not repeat the
-/// source, so print the chain once at the top.
+/// source, so print the chain once at the top (`format!("{:#}", anyhow::Error::from(e))`).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -48,7 +47,7 @@ pub enum Error {
     #[error("invalid application name {0:?}: it must be 1 to {max} bytes without control characters", max = proto::MAX_NAME_BYTES)]
     InvalidName(String),
     /// The socket could not be opened (vssd not running, or no permission).
-    #[error("cannot connect to vssd at {}: {source} (is vssd running with its app socket, and may this user open it?)", path.display())]
+    #[error("cannot connect to vssd at {} (is vssd running with its app socket, and may this user open it?)", path.display())]
     Connect {
         /// The socket path tried.
         path: PathBuf,
@@ -57,7 +56,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The connection failed after it was made.
-    #[error("connection to vssd failed: {0}")]
+    #[error("connection to vssd failed")]
     Io(#[source] io::Error),
     /// vssd closed the connection.
     #[error("vssd closed the connection")]
@@ -91,7 +90,7 @@ pub enum Error {
     #[error("appvss::client needs a tokio runtime; use appvss::blocking outside one")]
     NoRuntime,
     /// The blocking client's thread could not be started.
-    #[error("cannot start the appvss client thread: {0}")]
+    #[error("cannot start the appvss client thread")]
     Thread(#[source] io::Error),
     /// The client has stopped; the error before this one said why.
     #[error("the appvss client has stopped")]
@@ -110,16 +109,12 @@ impl Error {
     }
 }
 
-/// The protocol's name for an error code (`bad-hello`, ...).
-pub fn code_name(code: ErrorCode) -> &'static str {
-    match code {
-        ErrorCode::BadMessage => "bad-message",
-        ErrorCode::TooLarge => "too-large",
-        ErrorCode::BadHello => "bad-hello",
-        ErrorCode::VersionUnsupported => "version-unsupported",
-        ErrorCode::TooManyRegistrations => "too-many-registrations",
-        ErrorCode::UnexpectedReply => "unexpected-reply",
-    }
+pub use crate::proto::code_name;
+
+/// An error and its sources on one line, each once: what `{:#}` of an `anyhow::Error` prints,
+/// for errors this crate only borrows.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    anyhow::Chain::new(e).map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -192,10 +187,7 @@ impl Options {
     }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        if self.name.is_empty() || self.name.len() > proto::MAX_NAME_BYTES || self.name.chars().any(char::is_control) {
-            return Err(Error::InvalidName(self.name.clone()));
-        }
-        Ok(())
+        proto::check_name(&self.name).map_err(|_| Error::InvalidName(self.name.clone()))
     }
 }
 
@@ -762,7 +754,7 @@ pub(crate) async fn drive(options: Options, sink: Sink, mut stop: oneshot::Recei
                 match end {
                     End::Stop => return,
                     End::Lost(e) => {
-                        tracing::warn!(error = %e, "lost the connection to vssd; any hold has ended");
+                        tracing::warn!(error = %chain(&e), "lost the connection to vssd; any hold has ended");
                         if !ended || e.is_permanent() || !options.reconnect {
                             sink.send(Err(e));
                             return;
@@ -775,11 +767,11 @@ pub(crate) async fn drive(options: Options, sink: Sink, mut stop: oneshot::Recei
             }
             Err(e) => {
                 if e.is_permanent() || !options.reconnect {
-                    tracing::error!(error = %e, "cannot register with vssd");
+                    tracing::error!(error = %chain(&e), "cannot register with vssd");
                     sink.send(Err(e));
                     return;
                 }
-                let text = e.to_string();
+                let text = chain(&e);
                 if last_error.as_deref() != Some(text.as_str()) {
                     tracing::warn!(error = %text, "cannot register with vssd yet; retrying with backoff");
                     last_error = Some(text);
@@ -835,19 +827,15 @@ async fn handshake(options: &Options) -> Result<(Reader, OwnedWriteHalf, u64, u3
 }
 
 async fn read_message(reader: &mut Reader) -> Result<AgentMessage, Error> {
-    match reader.next_line().await {
-        Ok(Some(line)) => parse(&line),
+    match reader.next_message().await {
+        Ok(Some(m)) => Ok(m),
         Ok(None) => Err(Error::Closed),
-        Err(LineError::TooLarge) => Err(Error::TooLarge),
-        Err(LineError::Io(e)) => Err(Error::Io(e)),
+        Err(FrameError::TooLarge { .. }) => Err(Error::TooLarge),
+        Err(FrameError::Io(e)) => Err(Error::Io(e)),
+        Err(FrameError::Decode(d)) => {
+            Err(Error::BadMessage { detail: d.detail().to_string(), excerpt: d.excerpt().to_owned() })
+        }
     }
-}
-
-fn parse(line: &[u8]) -> Result<AgentMessage, Error> {
-    serde_json::from_slice(line).map_err(|e| {
-        let text = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
-        Error::BadMessage { detail: e.to_string(), excerpt: text }
-    })
 }
 
 fn kind(m: &AgentMessage) -> &'static str {
@@ -1094,6 +1082,17 @@ mod tests {
         }
         b.reset();
         assert!(b.step() < Duration::from_millis(126));
+    }
+
+    #[test]
+    fn errors_print_their_source_once() {
+        let io = || io::Error::new(io::ErrorKind::NotFound, "no such socket here");
+        for e in [Error::Connect { path: "/run/x.sock".into(), source: io() }, Error::Io(io()), Error::Thread(io())] {
+            assert!(!e.to_string().contains("no such socket here"), "{e}");
+            let c = chain(&e);
+            assert_eq!(c.matches("no such socket here").count(), 1, "{c}");
+            assert_eq!(c, format!("{:#}", anyhow::Error::from(e)));
+        }
     }
 
     #[test]

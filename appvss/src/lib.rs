@@ -6,7 +6,8 @@
 //! and HOLDS), freezes the filesystems, and after the snapshot sends THAW. See `PROTOCOL.md`.
 //!
 //! What is here:
-//! - [`proto`]: the wire types, shared with vssd.
+//! - [`proto`]: the wire types, name rules and line framing, shared with vssd (the
+//!   `appvss-proto` crate, re-exported).
 //! - [`client`]: the async (tokio) client: an event stream, requests that cannot be forgotten,
 //!   a [`Hold`] guard that ends at THAW, at `max_hold_ms` or when vssd goes away; it
 //!   reconnects with backoff when vssd restarts or is not there yet.
@@ -18,7 +19,7 @@
 //! ```no_run
 //! use appvss::client::{Client, Event, Options};
 //!
-//! # async fn flush_everything() -> Result<(), String> { Ok(()) }
+//! # async fn flush_everything() -> std::io::Result<()> { Ok(()) }
 //! # async fn demo() -> Result<(), appvss::Error> {
 //! let mut vss = Client::connect(Options::new("orders-db"))?;
 //! loop {
@@ -39,15 +40,17 @@
 //! }
 //! # }
 //! ```
-// The C ABI (`capi`) is the one module that opts back in to `unsafe`.
+// `unsafe` is denied here (and by the workspace); the C ABI (`capi`) is the one module that
+// opts back in, because its callers hand it raw pointers. Every unsafe block says why it holds.
 #![deny(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod blocking;
+#[allow(unsafe_code)]
 pub mod capi;
 pub mod client;
-mod framing;
-#[allow(missing_docs)]
-pub mod proto;
+/// The wire protocol, shared with vssd: the [`appvss_proto`] crate.
+pub use appvss_proto as proto;
 
 pub use client::{Error, Event, FreezeRequest, Hold, Options, PrepareRequest, Release, Thaw};

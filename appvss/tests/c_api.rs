@@ -1,11 +1,12 @@
 //! The C ABI from C: the committed header is what cbindgen makes of `src/capi.rs` (so it
 //! cannot drift), and `examples/c/hold.c`, compiled with `cc` against the header and the
-//! static library, holds a freeze of a scripted vssd.
+//! static library (which the test builds first), holds a freeze of a scripted vssd.
 
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use support::{Server, WAIT};
@@ -50,10 +51,37 @@ fn profile_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_appvss")).parent().unwrap().to_path_buf()
 }
 
+/// The static library, built by this test: `cargo test` builds the crate as a Rust library
+/// only, so a libappvss.a lying in the profile directory would be one an earlier
+/// `cargo build` left, perhaps of older code. The build runs once per test process, with the
+/// cargo, target directory and profile of this test; it is quick when nothing changed.
+fn static_lib() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let profile_dir = profile_dir();
+        let target_dir = profile_dir.parent().expect("the profile directory is inside the target directory");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev",
+            Some(p) => p,
+            None => panic!("no profile in {}", profile_dir.display()),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(&cargo)
+            .args(["build", "--quiet", "-p", "appvss", "--lib", "--profile", profile, "--manifest-path"])
+            .arg(crate_dir().join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", target_dir)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&cargo).display()));
+        assert!(status.success(), "cargo build -p appvss --lib failed");
+        let lib = profile_dir.join("libappvss.a");
+        assert!(lib.is_file(), "cargo build -p appvss --lib made no {}", lib.display());
+        lib
+    })
+}
+
 /// Compiles a C file against the header and the static library.
 fn compile_c(source: &Path, out: &Path) {
-    let lib = profile_dir().join("libappvss.a");
-    assert!(lib.is_file(), "{} missing: cargo builds it with the appvss library", lib.display());
+    let lib = static_lib();
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let status = Command::new(&cc)
         .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-o"])
@@ -61,7 +89,7 @@ fn compile_c(source: &Path, out: &Path) {
         .arg(source)
         .arg("-I")
         .arg(crate_dir().join("include"))
-        .arg(&lib)
+        .arg(lib)
         .args(["-lpthread", "-ldl", "-lm", "-lrt"])
         .status()
         .unwrap_or_else(|e| panic!("cannot run {cc} (a C compiler is needed for this test): {e}"));

@@ -168,6 +168,11 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// An error and its sources, each once: `Display` of this crate's errors leaves the source out.
+fn chain(e: Error) -> String {
+    format!("{:#}", anyhow::Error::from(e))
+}
+
 // ---------------------------------------------------------------------------------------
 // status
 
@@ -196,7 +201,7 @@ async fn status(a: StatusArgs) -> u8 {
     let opts = Options::new(name).socket(&a.socket).reconnect(false);
     let mut client = match Client::connect(opts) {
         Ok(c) => c,
-        Err(e) => return report(true, 2, e.to_string(), serde_json::json!({})),
+        Err(e) => return report(true, 2, chain(e), serde_json::json!({})),
     };
     match tokio::time::timeout(Duration::from_secs(10), client.next_event()).await {
         Ok(Ok(Event::Connected { app_id, version })) => {
@@ -209,8 +214,8 @@ async fn status(a: StatusArgs) -> u8 {
             )
         }
         Ok(Ok(other)) => report(true, 1, format!("unexpected first event {other:?}"), serde_json::json!({})),
-        Ok(Err(e @ Error::Refused { .. })) => report(true, 1, e.to_string(), serde_json::json!({"registered": false})),
-        Ok(Err(e)) => report(false, 3, e.to_string(), serde_json::json!({})),
+        Ok(Err(e @ Error::Refused { .. })) => report(true, 1, chain(e), serde_json::json!({"registered": false})),
+        Ok(Err(e)) => report(false, 3, chain(e), serde_json::json!({})),
         Err(_) => report(true, 3, "no welcome from vssd within 10 s".into(), serde_json::json!({})),
     }
 }
@@ -256,7 +261,7 @@ async fn hold(a: HoldArgs) -> u8 {
     let mut client = match Client::connect(opts) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("appvss: {e}");
+            eprintln!("appvss: {}", chain(e));
             return 2;
         }
     };
@@ -274,14 +279,14 @@ async fn hold(a: HoldArgs) -> u8 {
         };
         match ev {
             Err(e) => {
-                tracing::error!("{e}");
+                tracing::error!("{}", chain(e));
                 return 3;
             }
             Ok(Event::Connected { app_id, .. }) => {
                 tracing::info!(app_id, "registered with vssd as {:?}", a.name);
             }
             Ok(Event::Disconnected(e)) => {
-                tracing::warn!("vssd went away ({e}); reconnecting");
+                tracing::warn!("vssd went away ({}); reconnecting", chain(e));
             }
             Ok(Event::Prepare(req)) => prepare(&a, req).await,
             Ok(Event::Freeze(req)) => {
