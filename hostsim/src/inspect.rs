@@ -23,7 +23,7 @@ pub enum InspectError {
         detail: String,
     },
     /// File system trouble.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     /// The socket could not be reached.
-    #[error("cannot connect to QMP at {path}: {source} (is the VM running? `vmctl status` tells)")]
+    #[error("cannot connect to QMP at {path} (is the VM running? `vmctl status` tells)")]
     Connect {
         /// The socket.
         path: String,
@@ -26,7 +26,7 @@ pub enum QmpError {
         source: io::Error,
     },
     /// Reading or writing failed.
-    #[error("QMP i/o error: {0}")]
+    #[error("QMP i/o error")]
     Io(#[from] io::Error),
     /// QEMU closed the connection: it exited or was killed.
     #[error("QEMU closed its QMP connection{during} (it exited or was killed)")]

@@ -1,4 +1,5 @@
-//! Small helpers: atomic writes, UTC timestamps without a date crate, sizes.
+//! Small helpers: atomic writes, UTC timestamps without a date crate, sizes, an error's chain
+//! as one line, and the test-only fault points.
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -83,6 +84,25 @@ pub fn free_bytes(dir: &Path) -> io::Result<u64> {
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
+/// An error and its causes as one line, each said once (`outer: cause: root cause`), the way
+/// anyhow's alternate Display prints a chain. Every message vmctl prints or records comes
+/// through here, so a cause is never dropped and never repeated (an error's own Display never
+/// repeats the source it returns).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    anyhow::Chain::new(e).map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+/// The environment variable that names a test-only fault point.
+pub const TEST_FAULT_ENV: &str = "VMCTL_TEST_FAULT";
+
+/// **Test only**: true when `VMCTL_TEST_FAULT` names `point`. The VM-tier tests set it to make
+/// a step fail that real QEMU never fails on cue (e.g. `cont-after-migration`), so the
+/// clean-up after that failure is tested for real. Nothing else sets it; unset, it costs one
+/// environment lookup at the few places that ask.
+pub fn test_fault(point: &str) -> bool {
+    std::env::var(TEST_FAULT_ENV).is_ok_and(|v| v.split(',').any(|p| p.trim() == point))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +125,15 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot write the manifest")]
+        struct Outer(#[source] io::Error);
+        let e = Outer(io::Error::other("disk full"));
+        assert_eq!(error_chain(&e), "cannot write the manifest: disk full");
     }
 
     #[test]

@@ -22,6 +22,9 @@ use crate::qmp::{Qmp, QmpError};
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmctl";
 /// The virtio-serial port name guest agents listen on.
 pub const AGENT_PORT: &str = "org.qemu.guest_agent.0";
+/// The checkpoint `vmctl suspend` writes and `vmctl resume` consumes (its directory under
+/// `checkpoints/` is what makes a VM suspended).
+pub const SUSPEND_CHECKPOINT: &str = "suspend";
 
 /// Errors of VM lifecycle operations.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +69,7 @@ pub enum VmError {
     #[error("KVM is not usable here ({0}); use `--accel tcg` (software emulation) or `--accel auto`")]
     NoKvm(String),
     /// File system trouble.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -344,6 +347,16 @@ impl Vm {
     pub fn backup_dir(&self) -> PathBuf {
         self.dir.join("backups")
     }
+
+    /// `VMDIR/checkpoints`: one directory per checkpoint.
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        self.dir.join("checkpoints")
+    }
+
+    /// `VMDIR/overlays`: every image vmctl makes for checkpoints and restores.
+    pub fn overlays_dir(&self) -> PathBuf {
+        self.dir.join("overlays")
+    }
     /// A disk's image path (absolute).
     pub fn disk_path(&self, d: &DiskConfig) -> PathBuf {
         if d.path.is_absolute() {
@@ -375,7 +388,7 @@ impl Vm {
         match (accel, kvm_usable()) {
             (Accel::Tcg, _) => Ok("tcg"),
             (Accel::Kvm, Ok(())) | (Accel::Auto, Ok(())) => Ok("kvm"),
-            (Accel::Kvm, Err(why)) => Err(VmError::NoKvm(why)),
+            (Accel::Kvm, Err(e)) => Err(e),
             (Accel::Auto, Err(_)) => Ok("tcg"),
         }
     }
@@ -494,7 +507,7 @@ impl Vm {
     /// `vmctl suspend` saved it (and it was not resumed since): `vmctl start` or `resume`
     /// brings it back.
     pub fn is_suspended(&self) -> bool {
-        crate::checkpoint::checkpoints_dir(self).join(crate::checkpoint::SUSPEND_NAME).is_dir()
+        self.checkpoints_dir().join(SUSPEND_CHECKPOINT).is_dir()
     }
 
     /// Where the VM stands.
@@ -584,19 +597,19 @@ pub fn wait_gone(pid: i32, limit: Duration) -> bool {
     true
 }
 
-/// Whether KVM can run guests here; the reason when not.
-pub fn kvm_usable() -> Result<(), String> {
+/// Whether KVM can run guests here; [`VmError::NoKvm`] with the reason when not.
+pub fn kvm_usable() -> Result<(), VmError> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let has_ext = cpuinfo.lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")));
     if !has_ext {
-        return Err("the CPU has no virtualization extensions (vmx/svm)".into());
+        return Err(VmError::NoKvm("the CPU has no virtualization extensions (vmx/svm)".into()));
     }
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .map(|_| ())
-        .map_err(|e| format!("/dev/kvm: {e}"))
+        .map_err(|e| VmError::NoKvm(format!("/dev/kvm: {e}")))
 }
 
 /// Copies an image keeping it sparse (`cp --sparse=always`).
