@@ -7,6 +7,8 @@
 //! Invariants:
 //! - Filesystems of one level freeze in parallel; levels go in order (0 first).
 //! - Any freeze failure thaws everything already frozen by this request before returning.
+//!   A FIFREEZE call that panicked counts as a failure whose filesystem may be frozen: it is
+//!   thawed with the rest (thawing a filesystem that is not frozen is harmless, EINVAL).
 //! - Thaw goes in reverse level order, runs to the end and reports every error.
 //! - The engine writes nothing itself; the caller records the marker before freezing.
 
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::plan::{Plan, PlannedMount};
+use crate::workers::Panicked;
 use kmod_shim::DevId;
 
 /// The kernel operations the engine needs; real in production, scripted in unit tests.
@@ -116,21 +119,25 @@ pub fn freeze(kernel: &Arc<dyn Kernel>, plan: &Plan) -> Result<(Vec<FrozenFs>, V
             k.freeze(&p).map(|()| t.elapsed())
         });
         let mut failures = Vec::new();
+        // Frozen or not, nobody knows: the call panicked.
+        let mut unknown = Vec::new();
         for (m, r) in targets.iter().zip(results) {
+            let fs =
+                FrozenFs { mount_point: m.mount_point.clone(), fstype: m.fstype.clone(), dev: m.dev, level: m.level };
             match r {
-                Ok(elapsed) => {
-                    frozen.push(FrozenFs {
-                        mount_point: m.mount_point.clone(),
-                        fstype: m.fstype.clone(),
-                        dev: m.dev,
-                        level: m.level,
-                    });
+                Ok(Ok(elapsed)) => {
+                    frozen.push(fs);
                     timings.push(FreezeTiming { mount_point: m.mount_point.clone(), elapsed });
                 }
-                Err(e) => failures.push((m.mount_point.clone(), e)),
+                Ok(Err(e)) => failures.push((m.mount_point.clone(), e)),
+                Err(p) => {
+                    failures.push((m.mount_point.clone(), io::Error::other(p)));
+                    unknown.push(fs);
+                }
             }
         }
         if !failures.is_empty() {
+            frozen.extend(unknown);
             let report = thaw(kernel, &frozen);
             return Err(FreezeError::Failed { failures, thaw_errors: report.errors });
         }
@@ -149,21 +156,23 @@ pub fn thaw(kernel: &Arc<dyn Kernel>, frozen: &[FrozenFs]) -> ThawReport {
         let results = run_parallel(kernel, targets.iter().map(|f| f.mount_point.clone()), |k, p| k.thaw(&p));
         for (f, r) in targets.iter().zip(results) {
             match r {
-                Ok(()) => report.thawed.push(f.mount_point.clone()),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => report.thawed.push(f.mount_point.clone()),
-                Err(e) => report.errors.push((f.mount_point.clone(), e)),
+                Ok(Ok(())) => report.thawed.push(f.mount_point.clone()),
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => report.thawed.push(f.mount_point.clone()),
+                Ok(Err(e)) => report.errors.push((f.mount_point.clone(), e)),
+                Err(p) => report.errors.push((f.mount_point.clone(), io::Error::other(p))),
             }
         }
     }
     report
 }
 
-/// Runs `f` on every mount point at once, on the worker pool.
+/// Runs `f` on every mount point at once, on the worker pool; a call that panicked reports
+/// `Err(Panicked)` in its place.
 fn run_parallel<R: Send + 'static>(
     kernel: &Arc<dyn Kernel>,
     paths: impl Iterator<Item = PathBuf>,
     f: fn(&dyn Kernel, PathBuf) -> R,
-) -> Vec<R> {
+) -> Vec<Result<R, Panicked>> {
     let jobs = paths
         .map(|p| {
             let k = kernel.clone();
@@ -196,12 +205,13 @@ pub enum Lifecycle {
     Thawing,
 }
 
-/// What is held while frozen.
+/// What is held while frozen. Times are tokio's, so that the timers that end a freeze can
+/// be tested on a paused clock (they are the system's monotonic clock otherwise).
 #[derive(Debug, Clone)]
 pub struct FrozenState {
     pub filesystems: Vec<FrozenFs>,
-    pub since: Instant,
-    pub deadline: Instant,
+    pub since: tokio::time::Instant,
+    pub deadline: tokio::time::Instant,
     /// The channel whose disappearance thaws (None: only the deadline does).
     pub owner: Option<u64>,
     /// Increments per freeze, so a timer of an old freeze never thaws a new one; also the
@@ -304,38 +314,113 @@ impl Lifecycle {
     }
 }
 
+/// A scripted kernel for tests without root: per-mount FIFREEZE / FITHAW results, a panic
+/// on the n-th FIFREEZE, a delay, an observer called at every call; records every call.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::plan::{plan, PlanOptions};
-    use std::sync::Mutex;
+pub(crate) mod fake {
+    use super::Kernel;
+    use std::collections::HashMap;
+    use std::io;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
-    /// A scripted kernel: records calls, fails the mount points it is told to.
+    type Observer = Box<dyn Fn(&str, &Path) + Send + Sync>;
+
     #[derive(Default)]
-    struct FakeKernel {
+    pub struct FakeKernel {
         calls: Mutex<Vec<String>>,
-        fail_freeze: Vec<(String, i32)>,
-        fail_thaw: Vec<(String, i32)>,
+        fail_freeze: HashMap<PathBuf, i32>,
+        fail_thaw: HashMap<PathBuf, i32>,
+        panic_thaw: Vec<PathBuf>,
+        panic_on_freeze: Option<usize>,
         delay: Duration,
+        observer: Option<Observer>,
+    }
+
+    impl FakeKernel {
+        pub fn new() -> Arc<Self> {
+            Arc::new(Self::default())
+        }
+        fn edit(self: Arc<Self>, f: impl FnOnce(&mut Self)) -> Arc<Self> {
+            let mut me = Arc::into_inner(self).expect("configure a FakeKernel before sharing it");
+            f(&mut me);
+            Arc::new(me)
+        }
+        /// FIFREEZE of `mp` fails with `errno`.
+        pub fn fail_freeze(self: Arc<Self>, mp: &str, errno: i32) -> Arc<Self> {
+            self.edit(|k| {
+                k.fail_freeze.insert(mp.into(), errno);
+            })
+        }
+        /// FITHAW of `mp` fails with `errno`.
+        pub fn fail_thaw(self: Arc<Self>, mp: &str, errno: i32) -> Arc<Self> {
+            self.edit(|k| {
+                k.fail_thaw.insert(mp.into(), errno);
+            })
+        }
+        /// FITHAW of `mp` panics.
+        pub fn panic_on_thaw(self: Arc<Self>, mp: &str) -> Arc<Self> {
+            self.edit(|k| k.panic_thaw.push(mp.into()))
+        }
+        /// The `n`-th FIFREEZE call (counting from 1) panics instead of freezing.
+        pub fn panic_on_freeze(self: Arc<Self>, n: usize) -> Arc<Self> {
+            self.edit(|k| k.panic_on_freeze = Some(n))
+        }
+        /// Every FIFREEZE takes this long.
+        pub fn delay(self: Arc<Self>, d: Duration) -> Arc<Self> {
+            self.edit(|k| k.delay = d)
+        }
+        /// Called with ("freeze" | "thaw", mount point) at the start of every call.
+        pub fn observe(self: Arc<Self>, f: impl Fn(&str, &Path) + Send + Sync + 'static) -> Arc<Self> {
+            self.edit(|k| k.observer = Some(Box::new(f)))
+        }
+        /// Every call so far, as "freeze /m" or "thaw /m", in call order.
+        pub fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        }
+        /// Records the call; returns how many calls of this kind there were, this one included
+        /// (counted under the same lock, so the n-th FIFREEZE is the n-th in `calls`).
+        fn record(&self, op: &str, p: &Path) -> usize {
+            if let Some(o) = &self.observer {
+                o(op, p);
+            }
+            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+            calls.push(format!("{op} {}", p.display()));
+            calls.iter().filter(|c| c.starts_with(op) && c.as_bytes().get(op.len()) == Some(&b' ')).count()
+        }
     }
 
     impl Kernel for FakeKernel {
         fn freeze(&self, p: &Path) -> io::Result<()> {
             std::thread::sleep(self.delay);
-            self.calls.lock().unwrap().push(format!("freeze {}", p.display()));
-            match self.fail_freeze.iter().find(|(m, _)| Path::new(m) == p) {
-                Some((_, e)) => Err(io::Error::from_raw_os_error(*e)),
+            let n = self.record("freeze", p);
+            if self.panic_on_freeze == Some(n) {
+                panic!("FakeKernel: FIFREEZE #{n} ({}) panics", p.display());
+            }
+            match self.fail_freeze.get(p) {
+                Some(e) => Err(io::Error::from_raw_os_error(*e)),
                 None => Ok(()),
             }
         }
         fn thaw(&self, p: &Path) -> io::Result<()> {
-            self.calls.lock().unwrap().push(format!("thaw {}", p.display()));
-            match self.fail_thaw.iter().find(|(m, _)| Path::new(m) == p) {
-                Some((_, e)) => Err(io::Error::from_raw_os_error(*e)),
+            self.record("thaw", p);
+            if self.panic_thaw.iter().any(|m| m == p) {
+                panic!("FakeKernel: FITHAW of {} panics", p.display());
+            }
+            match self.fail_thaw.get(p) {
+                Some(e) => Err(io::Error::from_raw_os_error(*e)),
                 None => Ok(()),
             }
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::fake::FakeKernel;
+    use crate::plan::{plan, PlanOptions};
 
     fn stacked_plan() -> Plan {
         let t = kmod_shim::mountinfo::parse(
@@ -362,7 +447,7 @@ mod tests {
 
     #[test]
     fn levels_freeze_in_order_and_thaw_in_reverse() {
-        let fake = Arc::new(FakeKernel::default());
+        let fake = FakeKernel::new();
         let k: Arc<dyn Kernel> = fake.clone();
         let p = stacked_plan();
         let (frozen, timings) = freeze(&k, &p).unwrap();
@@ -371,18 +456,18 @@ mod tests {
         let r = thaw(&k, &frozen);
         assert!(r.errors.is_empty());
         assert_eq!(r.thawed.len(), 3);
-        let calls = fake.calls.lock().unwrap().clone();
+        let calls = fake.calls();
         assert!(position(&calls, "freeze /s/upper") < position(&calls, "freeze /s/lower"));
         assert!(position(&calls, "thaw /s/lower") < position(&calls, "thaw /s/upper"));
     }
 
     #[test]
     fn freeze_thaws_everything_when_one_filesystem_fails() {
-        let fake = Arc::new(FakeKernel { fail_freeze: vec![("/s/lower".into(), libc::EBUSY)], ..Default::default() });
+        let fake = FakeKernel::new().fail_freeze("/s/lower", libc::EBUSY);
         let k: Arc<dyn Kernel> = fake.clone();
         let err = freeze(&k, &stacked_plan()).unwrap_err().to_string();
         assert!(err.contains("/s/lower") && err.contains("fsfreeze -u"), "{err}");
-        let calls = fake.calls.lock().unwrap().clone();
+        let calls = fake.calls();
         assert!(calls.contains(&"thaw /s/upper".to_string()), "{calls:?}");
         assert!(calls.contains(&"thaw /s/other".to_string()), "{calls:?}");
         assert!(!calls.contains(&"thaw /s/lower".to_string()), "must not thaw what it did not freeze: {calls:?}");
@@ -390,10 +475,7 @@ mod tests {
 
     #[test]
     fn thaw_runs_to_the_end_and_reports_every_error() {
-        let k: Arc<dyn Kernel> = Arc::new(FakeKernel {
-            fail_thaw: vec![("/s/upper".into(), libc::EIO), ("/s/other".into(), libc::EIO)],
-            ..Default::default()
-        });
+        let k: Arc<dyn Kernel> = FakeKernel::new().fail_thaw("/s/upper", libc::EIO).fail_thaw("/s/other", libc::EIO);
         let (frozen, _) = freeze(&k, &stacked_plan()).unwrap();
         let r = thaw(&k, &frozen);
         assert_eq!(r.errors.len(), 2);
@@ -402,15 +484,14 @@ mod tests {
 
     #[test]
     fn thawing_a_filesystem_someone_else_thawed_is_not_an_error() {
-        let k: Arc<dyn Kernel> =
-            Arc::new(FakeKernel { fail_thaw: vec![("/s/other".into(), libc::EINVAL)], ..Default::default() });
+        let k: Arc<dyn Kernel> = FakeKernel::new().fail_thaw("/s/other", libc::EINVAL);
         let (frozen, _) = freeze(&k, &stacked_plan()).unwrap();
         assert!(thaw(&k, &frozen).errors.is_empty());
     }
 
     #[test]
     fn one_level_freezes_in_parallel() {
-        let k: Arc<dyn Kernel> = Arc::new(FakeKernel { delay: Duration::from_millis(100), ..Default::default() });
+        let k: Arc<dyn Kernel> = FakeKernel::new().delay(Duration::from_millis(100));
         let t: String = (0..8).map(|i| format!("{} 1 7:{i} / /s/{i} rw - ext4 /dev/loop{i} rw\n", 10 + i)).collect();
         let p = plan(&kmod_shim::mountinfo::parse(&t).unwrap(), &PlanOptions::new("/s"), &|_| vec![]).unwrap();
         let start = Instant::now();
@@ -418,11 +499,40 @@ mod tests {
         assert!(start.elapsed() < Duration::from_millis(600), "took {:?}", start.elapsed());
     }
 
+    #[test]
+    fn a_fifreeze_that_panics_fails_the_freeze_and_everything_is_thawed() {
+        let fake = FakeKernel::new().panic_on_freeze(3);
+        let k: Arc<dyn Kernel> = fake.clone();
+        let t: String = (0..4).map(|i| format!("{} 1 7:{i} / /s/{i} rw - ext4 /dev/loop{i} rw\n", 10 + i)).collect();
+        let p = plan(&kmod_shim::mountinfo::parse(&t).unwrap(), &PlanOptions::new("/s"), &|_| vec![]).unwrap();
+        let err = freeze(&k, &p).unwrap_err().to_string();
+        let calls = fake.calls();
+        let freezes: Vec<&String> = calls.iter().filter(|c| c.starts_with("freeze ")).collect();
+        let panicked = freezes[2].trim_start_matches("freeze ");
+        assert!(err.contains(&format!("cannot freeze {panicked}")) && err.contains("panicked"), "{err}");
+        for f in &freezes {
+            let m = f.trim_start_matches("freeze ");
+            // Every one that froze is thawed, and the one that panicked may have: thawed too.
+            assert!(position(&calls, f) < position(&calls, &format!("thaw {m}")), "{calls:?}");
+        }
+    }
+
+    #[test]
+    fn a_fithaw_that_panics_is_reported_and_the_rest_still_thaw() {
+        let fake = FakeKernel::new().panic_on_thaw("/s/upper");
+        let k: Arc<dyn Kernel> = fake.clone();
+        let (frozen, _) = freeze(&k, &stacked_plan()).unwrap();
+        let r = thaw(&k, &frozen);
+        assert_eq!(r.errors.len(), 1);
+        assert_eq!(r.errors[0].0, PathBuf::from("/s/upper"));
+        assert_eq!(r.thawed.len(), 2);
+    }
+
     fn frozen_state() -> FrozenState {
         FrozenState {
             filesystems: vec![],
-            since: Instant::now(),
-            deadline: Instant::now(),
+            since: tokio::time::Instant::now(),
+            deadline: tokio::time::Instant::now(),
             owner: None,
             generation: 1,
             apps: vec![],
