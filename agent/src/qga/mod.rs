@@ -26,7 +26,8 @@ pub type Reply = qga_wire::reply::ReplyBytes;
 
 /// A failure of the agent, as the host sees it.
 fn refused(e: AgentError) -> QgaError {
-    QgaError::generic(e.to_string())
+    // The whole chain: AgentError's own message does not repeat its source.
+    QgaError::generic(format!("{:#}", anyhow::Error::from(e)))
 }
 
 /// One connection's protocol state.
