@@ -3,6 +3,9 @@
 //! Every key has a default that is safe on a real guest; `vssd --print-config` shows the
 //! result of file plus flags. Unknown keys are an error, so a typo never silently falls back
 //! to a default.
+//!
+//! Invariant: a [`Config`] that passed [`Config::validate`] is safe to run with; every error
+//! names the key or value at fault and what would be accepted.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,26 +27,24 @@ pub enum ChannelSpec {
 }
 
 impl std::str::FromStr for ChannelSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, rest) = s
-            .split_once(':')
-            .ok_or_else(|| format!("channel `{s}` needs a kind: unix:PATH, virtio-serial:NAME or vsock:PORT"))?;
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &'static str| ConfigError::Channel { spec: s.to_string(), why };
+        let (kind, rest) = s.split_once(':').ok_or(bad("needs a kind: unix:PATH, virtio-serial:NAME or vsock:PORT"))?;
         match kind {
             "unix" if !rest.is_empty() => Ok(ChannelSpec::Unix(rest.into())),
             "virtio-serial" if !rest.is_empty() => Ok(ChannelSpec::VirtioSerial(rest.into())),
-            "vsock" => rest
-                .parse()
-                .map(ChannelSpec::Vsock)
-                .map_err(|_| format!("channel `{s}`: vsock needs a port number, e.g. vsock:1234")),
-            _ => Err(format!("channel `{s}`: use unix:PATH, virtio-serial:NAME or vsock:PORT")),
+            "vsock" => {
+                rest.parse().map(ChannelSpec::Vsock).map_err(|_| bad("vsock needs a port number, e.g. vsock:1234"))
+            }
+            _ => Err(bad("use unix:PATH, virtio-serial:NAME or vsock:PORT")),
         }
     }
 }
 
 impl TryFrom<String> for ChannelSpec {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = ConfigError;
+    fn try_from(s: String) -> Result<Self, ConfigError> {
         s.parse()
     }
 }
@@ -76,12 +77,12 @@ pub enum AppFailurePolicy {
 }
 
 impl std::str::FromStr for AppFailurePolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         match s {
             "continue" => Ok(Self::Continue),
             "fail" => Ok(Self::Fail),
-            _ => Err(format!("`{s}` is not an app-failure policy: use continue or fail")),
+            _ => Err(ConfigError::AppFailurePolicy(s.to_string())),
         }
     }
 }
@@ -180,13 +181,13 @@ impl Default for Config {
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("config {path}: {source}")]
+    #[error("config {path} is not valid")]
     Parse {
         path: PathBuf,
         #[source]
@@ -194,6 +195,10 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("channel `{spec}`: {why}")]
+    Channel { spec: String, why: &'static str },
+    #[error("`{0}` is not an app-failure policy: use continue or fail")]
+    AppFailurePolicy(String),
 }
 
 /// The default config file; a missing default file means "all defaults".
@@ -280,7 +285,7 @@ mod tests {
         for s in ["unix:/run/x.sock", "virtio-serial:org.qemu.guest_agent.0", "vsock:1234"] {
             assert_eq!(s.parse::<ChannelSpec>().unwrap().to_string(), s);
         }
-        let err = "vsock:abc".parse::<ChannelSpec>().unwrap_err();
+        let err = "vsock:abc".parse::<ChannelSpec>().unwrap_err().to_string();
         assert!(err.contains("port number"), "{err}");
         assert!("tcp:1".parse::<ChannelSpec>().is_err());
     }
@@ -307,8 +312,10 @@ mod tests {
         assert_eq!(c.cannot_freeze, CannotFreezePolicy::Veto);
         assert_eq!(c.channels, vec![ChannelSpec::Vsock(9)]);
         std::fs::write(&p, "freeze_deadlin = 5\n").unwrap();
-        let err = Config::load(&p, true).unwrap_err().to_string();
-        assert!(err.contains("unknown field"), "{err}");
+        let err = Config::load(&p, true).unwrap_err();
+        assert_eq!(err.to_string(), format!("config {} is not valid", p.display()), "the source is not repeated");
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert!(chain.contains("is not valid: ") && chain.contains("unknown field"), "{chain}");
     }
 
     #[test]

@@ -1,4 +1,8 @@
-//! `vssd`: the guest agent daemon.
+//! `vssd`: the guest agent daemon: configuration from file and flags, logging, the channels,
+//! and a clean stop (thawed first).
+//!
+//! Errors are printed once, here, with their whole chain (`{:#}` of an `anyhow::Error`):
+//! the library's error messages never repeat their sources.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -11,7 +15,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use vssd::apps::{AppSettings, Apps};
-use vssd::config::{AppFailurePolicy, ChannelSpec, Config, DEFAULT_PATH};
+use vssd::config::{AppFailurePolicy, ChannelSpec, Config, ConfigError, DEFAULT_PATH};
 use vssd::engine::RealKernel;
 use vssd::plan::CannotFreezePolicy;
 use vssd::service::Agent;
@@ -108,12 +112,17 @@ struct Cli {
     verbose: u8,
 }
 
-fn effective_config(cli: &Cli) -> Result<Config, String> {
+/// The error and its sources, on one line: `what: because: because`.
+fn chain(e: impl Into<anyhow::Error>) -> String {
+    format!("{:#}", e.into())
+}
+
+fn effective_config(cli: &Cli) -> Result<Config, ConfigError> {
     let (path, explicit) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(DEFAULT_PATH), false),
     };
-    let mut c = Config::load(&path, explicit).map_err(|e| e.to_string())?;
+    let mut c = Config::load(&path, explicit)?;
     if !cli.channels.is_empty() {
         c.channels = cli.channels.clone();
     }
@@ -169,7 +178,7 @@ fn effective_config(cli: &Cli) -> Result<Config, String> {
     if let Some(v) = &cli.mountinfo {
         c.mountinfo = v.clone();
     }
-    c.validate().map_err(|e| e.to_string())?;
+    c.validate()?;
     Ok(c)
 }
 
@@ -206,7 +215,7 @@ fn main() -> ExitCode {
     let cfg = match effective_config(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vssd: {e}");
+            eprintln!("vssd: {}", chain(e));
             return ExitCode::from(2);
         }
     };
@@ -218,7 +227,7 @@ fn main() -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(8).build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("vssd: cannot start the runtime: {e}");
+            eprintln!("vssd: {}", chain(anyhow::Error::from(e).context("cannot start the runtime")));
             return ExitCode::from(1);
         }
     };
@@ -239,7 +248,8 @@ fn raise_fd_limit() {
 async fn run(cfg: Config) -> ExitCode {
     raise_fd_limit();
     if let Err(e) = std::fs::create_dir_all(&cfg.state_dir) {
-        error!("cannot create state directory {}: {e}", cfg.state_dir.display());
+        let e = anyhow::Error::from(e).context(format!("cannot create state directory {}", cfg.state_dir.display()));
+        error!("{}", chain(e));
         return ExitCode::from(1);
     }
     let control = cfg.control_socket.then(|| cfg.control_socket_path());
@@ -254,14 +264,15 @@ async fn run(cfg: Config) -> ExitCode {
     });
     if let Some(a) = &apps {
         if let Err(e) = a.listen() {
-            error!("cannot listen for applications on {}: {e}", cfg.app_socket_path().display());
+            let what = format!("cannot listen for applications on {}", cfg.app_socket_path().display());
+            error!("{}", chain(anyhow::Error::from(e).context(what)));
             return ExitCode::from(1);
         }
     }
     let agent = Agent::with_apps(cfg, Arc::new(RealKernel), apps);
     agent.recover();
     if let Err(e) = vssd::server::start(agent.clone(), &channels, control).await {
-        error!("{e}");
+        error!("{}", chain(e));
         return ExitCode::from(1);
     }
     // Plan once now, thrown away, before saying ready: the first freeze then finds mountinfo,
@@ -270,7 +281,7 @@ async fn run(cfg: Config) -> ExitCode {
     let t = std::time::Instant::now();
     match agent.plan(None) {
         Ok(p) => tracing::debug!(mounts = p.mounts.len(), ms = t.elapsed().as_secs_f64() * 1000.0, "warm-up plan"),
-        Err(e) => warn!(error = %e, "cannot plan (the first freeze will say why)"),
+        Err(e) => warn!(error = %chain(e), "cannot plan (the first freeze will say why)"),
     }
     info!(scope = %agent.config().scope.display(), deadline_s = agent.config().freeze_deadline, "vssd ready");
     notify_ready();

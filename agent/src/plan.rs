@@ -33,12 +33,12 @@ pub enum CannotFreezePolicy {
 }
 
 impl std::str::FromStr for CannotFreezePolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = PlanError;
+    fn from_str(s: &str) -> Result<Self, PlanError> {
         match s {
             "skip" => Ok(Self::Skip),
             "veto" => Ok(Self::Veto),
-            _ => Err(format!("`{s}` is not a cannot-freeze policy: use skip or veto")),
+            _ => Err(PlanError::UnknownPolicy(s.to_string())),
         }
     }
 }
@@ -143,9 +143,11 @@ impl Plan {
     }
 }
 
-/// A request the planner refuses outright.
+/// A request the planner refuses outright (or a policy name it does not know).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
+    #[error("`{0}` is not a cannot-freeze policy: use skip or veto")]
+    UnknownPolicy(String),
     #[error("{0} is not a mount point (list mount points, as `findmnt` shows them)")]
     NotAMountPoint(String),
     #[error("{path} is outside vssd's scope {scope}; widen `scope` in the config to freeze it")]
