@@ -23,10 +23,10 @@ use crate::config::ChannelSpec;
 use crate::qga::Session;
 use crate::service::Agent;
 
-/// A channel that could not be opened.
+/// A channel that could not be opened. A message never repeats its source: print the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on unix socket {path}: {source}")]
+    #[error("cannot listen on unix socket {path}")]
     Unix {
         path: PathBuf,
         #[source]
@@ -34,13 +34,13 @@ pub enum ServeError {
     },
     #[error(transparent)]
     VirtioPort(#[from] kmod_shim::virtio::Error),
-    #[error("cannot open virtio-serial port {path}: {source}")]
+    #[error("cannot open virtio-serial port {path}")]
     VirtioOpen {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot listen on vsock port {port}: {source}")]
+    #[error("cannot listen on vsock port {port}")]
     Vsock {
         port: u32,
         #[source]
@@ -331,5 +331,19 @@ impl AsyncWrite for FdStream {
     }
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_prints_its_source_once() {
+        let e =
+            ServeError::Unix { path: "/run/vssd.sock".into(), source: io::Error::from_raw_os_error(libc::EADDRINUSE) };
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert!(text.starts_with("cannot listen on unix socket /run/vssd.sock: "), "{text}");
+        assert_eq!(text.matches("in use").count(), 1, "{text}");
     }
 }
