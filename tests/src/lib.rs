@@ -5,7 +5,7 @@
 //! - [`probe`]: the write probe that sees "frozen" as an application would;
 //! - [`vssd`]: a vssd scoped to one sandbox, and `vssctl`;
 //! - [`qemu_ga`]: a qemu-ga that sees only its sandbox;
-//! - [`qga`]: the QGA client the tests talk to both agents with;
+//! - [`qga`]: the workspace's one QGA client (`qga-wire`) and the tests' assertions on top;
 //! - [`report`]: reading vssd's JSON reports;
 //! - [`vm`]: the VM tier's guest under QEMU.
 //!
@@ -40,7 +40,7 @@ pub mod vssd;
 pub use cmd::{bin, bin_dir, run, run_unchecked, run_with_limit, Output};
 pub use probe::{assert_all_blocked, assert_all_complete, assert_frozen, assert_writable, WriteProbe, BLOCKED, THAWED};
 pub use qemu_ga::QemuGa;
-pub use qga::{error_class, expect_error, ret, QgaClient, Reply};
+pub use qga::{chain, check_guard, error_class, expect_error, ret, ClientError, QgaClient, QgaExt, Reply};
 pub use report::{field, mount_entry, p2s};
 pub use sandbox::{frozen_by_someone, loop_attached, mount_of, mounts, thaw_fully, Fs, Sandbox};
 pub use vssd::{vssctl, Vssd, VssdBuilder};

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::cmd::{stop_child, wait_for_socket};
-use crate::qga::QgaClient;
+use crate::qga::{check_guard, QgaClient};
 use crate::sandbox::Sandbox;
 
 /// A qemu-ga on a unix socket of the sandbox, in a mount namespace of its own.
@@ -94,12 +94,15 @@ exec "$@"
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match QgaClient::connect(&self.socket) {
-                Ok(c) => return c.guarded(&self.sb.scope()),
+                Ok(c) => {
+                    let scope = self.sb.scope();
+                    return c.inspect_sends(move |b| check_guard(&scope, b));
+                }
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
                     thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => panic!("connect to qemu-ga: {e}"),
+                Err(e) => panic!("connect to qemu-ga: {}", crate::chain(&e)),
             }
         }
     }

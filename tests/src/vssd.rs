@@ -116,7 +116,7 @@ impl<'a> Vssd<'a> {
 
     /// A new connection to the channel.
     pub fn client(&self) -> QgaClient {
-        QgaClient::connect(&self.socket).unwrap_or_else(|e| panic!("connect to vssd at {}: {e}", self.socket.display()))
+        QgaClient::connect(&self.socket).unwrap_or_else(|e| panic!("connect to vssd: {}", crate::chain(&e)))
     }
 
     /// The process id.

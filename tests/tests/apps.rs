@@ -182,11 +182,11 @@ fn a_veto_fails_the_freeze_under_policy_fail_and_nothing_stays_frozen() {
     let _t = spawn_app(&sb.app_socket(), "migrator", Role::Veto, log.clone());
     let _h = spawn_app(&sb.app_socket(), "db", Role::Hold, log.clone());
     let mut c = v.client();
-    let r = c.execute("vssd-freeze", None);
+    let r = c.call("vssd-freeze", None);
     let desc = expect_error(&r, "GenericError", "veto under policy fail");
     assert!(desc.contains("migrator") && desc.contains("vetoed") && desc.contains("migration running"), "{desc}");
     assert_writable(&e, Duration::from_secs(5), "after a vetoed freeze");
-    assert_eq!(ret(&c.execute("guest-fsfreeze-status", None), "status"), "thawed");
+    assert_eq!(ret(&c.call("guest-fsfreeze-status", None), "status"), "thawed");
     // Every app that got PREPARE gets THAW(aborted); the other app was never asked to FREEZE.
     assert!(wait_for(&log, "migrator thaw 1 aborted", Duration::from_secs(5)), "{:?}", log.lock().unwrap());
     assert!(wait_for(&log, "db thaw 1 aborted", Duration::from_secs(5)), "{:?}", log.lock().unwrap());
@@ -205,7 +205,7 @@ fn an_app_that_misses_the_freeze_deadline_is_reported_or_fails_the_freeze() {
         let _t = spawn_app(&sb.app_socket(), "slow", Role::Silent, log.clone());
         let mut c = v.client();
         let t0 = Instant::now();
-        let r = c.execute("vssd-freeze", None);
+        let r = c.call("vssd-freeze", None);
         assert!(t0.elapsed() < Duration::from_secs(5), "the deadline must bound the wait: {:?}", t0.elapsed());
         if policy == "continue" {
             let rr = ret(&r, "late app, continue");
@@ -331,11 +331,11 @@ fn every_app_gets_exactly_one_thaw_per_freeze_whatever_ends_it() {
     let flag = sb.root().join("fail-hook");
     hook(&sb, "10-maybe-fail", &format!("[ \"$1\" = freeze ] && [ -e {} ] && exit 1; exit 0", flag.display()));
     std::fs::write(&flag, "").unwrap();
-    expect_error(&c.execute("vssd-freeze", Some(json!({"app-failure": "fail"}))), "GenericError", "failing hook");
+    expect_error(&c.call("vssd-freeze", Some(json!({"app-failure": "fail"}))), "GenericError", "failing hook");
     std::fs::remove_file(&flag).unwrap();
     c.ok("vssd-freeze", Some(json!({"deadline": 1})));
     thread::sleep(Duration::from_millis(2500));
-    assert_eq!(ret(&c.execute("guest-fsfreeze-status", None), "status"), "thawed");
+    assert_eq!(ret(&c.call("guest-fsfreeze-status", None), "status"), "thawed");
     c.ok("vssd-freeze", None);
     c.ok("vssd-thaw", None);
     thread::sleep(Duration::from_millis(500));

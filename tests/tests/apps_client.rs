@@ -288,7 +288,7 @@ fn cli_on_freeze_failure_fails_the_freeze_under_policy_fail_with_its_reason() {
             .unwrap(),
     );
     wait_registered(&mut c, "spool");
-    let r = c.execute("vssd-freeze", None);
+    let r = c.call("vssd-freeze", None);
     let desc = expect_error(&r, "GenericError", "an app failed under policy fail");
     assert!(desc.contains("spool") && desc.contains("spool disk full"), "{desc}");
     assert_writable(&e, Duration::from_secs(5), "after the failed freeze");

@@ -284,7 +284,7 @@ fn fuse_filesystem_vetoes_the_whole_freeze_under_policy_veto() {
     let plan = c.ok("vssd-plan", None);
     assert_eq!(outcome(&plan, &f), "cannot-freeze", "{plan}");
 
-    let r = c.execute("vssd-freeze", Some(json!({"cannot-freeze": "veto"})));
+    let r = c.call("vssd-freeze", Some(json!({"cannot-freeze": "veto"})));
     let desc = expect_error(&r, "GenericError", "veto");
     assert!(desc.contains(f.to_str().unwrap()), "the error should name {}: {desc}", f.display());
     assert_eq!(c.ok("guest-fsfreeze-status", None), json!("thawed"));
@@ -303,7 +303,7 @@ fn daemon_veto_policy_makes_guest_fsfreeze_freeze_fail_and_freeze_nothing() {
     let f = sb.fuse("f");
     let vssd = Vssd::builder(&sb).cannot_freeze("veto").start();
     let mut c = vssd.client();
-    let r = c.execute("guest-fsfreeze-freeze", None);
+    let r = c.call("guest-fsfreeze-freeze", None);
     let desc = expect_error(&r, "GenericError", "daemon veto policy");
     assert!(desc.contains(f.to_str().unwrap()), "the error should name {}: {desc}", f.display());
     assert_eq!(c.ok("guest-fsfreeze-status", None), json!("thawed"));
@@ -403,7 +403,7 @@ fn freeze_thaws_everything_when_one_filesystem_fails() {
         for m in [&a, &b, &c2] {
             sb.dirty(m);
         }
-        let r = c.execute(cmd, args);
+        let r = c.call(cmd, args);
         let desc = expect_error(&r, "GenericError", cmd);
         assert!(desc.contains(busy.to_str().unwrap()), "{cmd}: the error should name {}: {desc}", busy.display());
         assert_eq!(c.ok("guest-fsfreeze-status", None), json!("thawed"), "{cmd}");
@@ -440,7 +440,7 @@ fn second_freeze_while_frozen_is_refused_and_the_first_stays() {
             ("guest-fsfreeze-freeze-list", Some(json!({"mountpoints": [p2s(&e)]}))),
             ("vssd-freeze", None),
         ] {
-            let r = conn.execute(cmd, args);
+            let r = conn.call(cmd, args);
             assert!(r.get("error").is_some(), "{who}: {cmd} while frozen must fail, got {r}");
             assert_eq!(conn.ok("guest-fsfreeze-status", None), json!("frozen"), "{who} after {cmd}");
         }

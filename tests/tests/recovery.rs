@@ -32,7 +32,7 @@ fn deadline_passes_then_vssd_thaws_by_itself_and_says_so_once() {
     assert_eq!(c.ok("guest-fsfreeze-status", None), json!("thawed"));
     assert_eq!(last_auto_thaw_reason(&mut c), "deadline");
     // The host's thaw comes late: it must learn that the snapshot may not be consistent.
-    let r = c.execute("guest-fsfreeze-thaw", None);
+    let r = c.call("guest-fsfreeze-thaw", None);
     let desc = expect_error(&r, "GenericError", "thaw after the deadline");
     assert!(desc.to_lowercase().contains("deadline"), "the error should say the deadline passed: {desc}");
     // Once.
