@@ -23,6 +23,7 @@ pkgs=(
   qemu-system-x86 qemu-utils       # the VM tier and vmctl: a real guest under QEMU (TCG here)
   busybox-static cpio fdisk        # the guest image: busybox initramfs, partitioned data disk
   dosfstools sqlite3               # vfat in the guest (cannot-freeze), SQLite checks of backups
+  python3                          # appvss's Python example (appvss/tests/python.rs)
 )
 missing=()
 for p in "${pkgs[@]}"; do
