@@ -4,6 +4,16 @@
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (it installs packages and makes loop devices)" >&2; exit 2; }
 command -v cargo >/dev/null || { echo "setup.sh: cargo not found: install Rust first (https://rustup.rs or apt-get install cargo)" >&2; exit 2; }
+# run-all.sh lints the workspace (cargo clippy ... -D warnings) before it tests it.
+if ! cargo clippy --version >/dev/null 2>&1; then
+  if command -v rustup >/dev/null; then
+    echo "setup.sh: installing clippy (rustup component add clippy)"
+    rustup component add clippy
+  else
+    echo "setup.sh: cargo clippy is missing: install it with your Rust (rustup component add clippy, or Debian's rust-clippy)" >&2
+    exit 2
+  fi
+fi
 
 pkgs=(
   e2fsprogs xfsprogs btrfs-progs   # the filesystems the root tier freezes
@@ -13,6 +23,7 @@ pkgs=(
   qemu-system-x86 qemu-utils       # the VM tier and vmctl: a real guest under QEMU (TCG here)
   busybox-static cpio fdisk        # the guest image: busybox initramfs, partitioned data disk
   dosfstools sqlite3               # vfat in the guest (cannot-freeze), SQLite checks of backups
+  python3                          # appvss's Python example (appvss/tests/python.rs)
 )
 missing=()
 for p in "${pkgs[@]}"; do

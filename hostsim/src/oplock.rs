@@ -184,8 +184,13 @@ mod tests {
 
     #[test]
     fn a_socket_in_a_missing_directory_is_locked_in_the_temporary_directory() {
-        let qmp = Path::new("/nonexistent-vmctl-test/qmp.sock");
-        let l = OpLock::take(qmp, "vm", "backup").unwrap();
+        // A name of this run's own, removed after: a lock file another user's run left in the
+        // shared temporary directory would make this one fail with EACCES.
+        let qmp = PathBuf::from(format!("/nonexistent-vmctl-test-{}/qmp.sock", std::process::id()));
+        let l = OpLock::take(&qmp, "vm", "backup").unwrap();
         assert!(l.path().starts_with(std::env::temp_dir()), "{}", l.path().display());
+        let path = l.path().to_path_buf();
+        drop(l);
+        let _ = std::fs::remove_file(path);
     }
 }

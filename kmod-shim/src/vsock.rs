@@ -39,7 +39,8 @@ pub fn listen(port: u32) -> io::Result<OwnedFd> {
 pub fn accept(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, u32)> {
     let raw = socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)
         .map_err(io::Error::from)?;
-    // SAFETY: accept4 just returned this descriptor to us and nothing else owns it.
+    // SAFETY: `raw` is a descriptor accept4 just opened for us (it returned no error); no
+    // other value owns it, so the `OwnedFd` becomes its only owner and closes it exactly once.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let cid = socket::getpeername::<VsockAddr>(raw).map(|a| a.cid()).unwrap_or(u32::MAX);
     Ok((fd, cid))

@@ -24,26 +24,34 @@ use serde_json::Value;
 
 use crate::{bin, run_with_limit, Output};
 
-/// Returns early, loudly, unless the VM tier can run here (root, QEMU).
+/// Fails the test (never returns early: a test that cannot run must not pass) unless the VM
+/// tier can run here: root, QEMU, a guest image. Every VM-tier test is also
+/// `#[ignore = "vm tier: ..."]`.
 #[macro_export]
 macro_rules! require_vm {
     () => {
         if let Some(why) = $crate::vm::cannot_run() {
-            eprintln!("\n*** SKIPPED: {} ({} line {}) ***\n", why, module_path!(), line!());
-            return;
+            panic!("this VM-tier test cannot run here ({} line {}): {}", module_path!(), line!(), why);
         }
     };
 }
 
-/// Why the VM tier cannot run here, if it cannot.
+/// Why the VM tier cannot run here, if it cannot. Builds the guest image first (once per
+/// process; a failed build panics with the builder's output).
 pub fn cannot_run() -> Option<String> {
     if !crate::is_root() {
-        return Some("the VM tier needs root (loop devices to check backups, apt for the guest image)".into());
+        return Some(
+            "the VM tier needs root (loop devices to check backups, apt for the guest image): run it as root, \
+             e.g. `sudo tests/run-all.sh`"
+                .into(),
+        );
     }
     // The builder installs QEMU and the rest from Debian's packages when they are missing.
     guest();
     if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
-        return Some("qemu-system-x86_64 is missing: bash tests/guest/build.sh --install".into());
+        return Some(
+            "qemu-system-x86_64 is missing: run tests/setup.sh (or bash tests/guest/build.sh --install)".into(),
+        );
     }
     None
 }

@@ -37,6 +37,7 @@ fn hidden_entries(dir: &Path) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn backup_while_writers_run_has_clean_filesystems_and_every_acked_record() {
     require_vm!();
     let vm = TestVm::boot("consistent", VmOpts::default());
@@ -91,6 +92,7 @@ fn backup_while_writers_run_has_clean_filesystems_and_every_acked_record() {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn incremental_copies_about_the_changed_bytes_and_restores_like_a_full() {
     require_vm!();
     let vm = TestVm::boot("incr", VmOpts { writers: false, ..Default::default() });
@@ -155,6 +157,7 @@ fn top_node(vm: &TestVm, name: &str) -> String {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn incremental_after_a_checkpoint_copies_what_changed_on_both_sides_of_it() {
     require_vm!();
     let vm = TestVm::boot("ckincr", VmOpts { writers: false, ..Default::default() });
@@ -251,6 +254,7 @@ fn incremental_after_a_checkpoint_copies_what_changed_on_both_sides_of_it() {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn agent_silent_or_missing_gives_crash_consistent_or_a_clear_refusal() {
     require_vm!();
     let vm = TestVm::boot("noagent", VmOpts { agent: "none", ..Default::default() });
@@ -314,6 +318,7 @@ fn start_slow_backup(vm: &TestVm) -> std::process::Child {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn qemu_killed_mid_backup_is_a_clear_error_and_leaves_no_backup() {
     require_vm!();
     let vm = TestVm::boot("killed", VmOpts::default());
@@ -334,6 +339,7 @@ fn qemu_killed_mid_backup_is_a_clear_error_and_leaves_no_backup() {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn vmctl_killed_mid_backup_leaves_nothing_in_the_way_of_the_next() {
     require_vm!();
     let vm = TestVm::boot("vmctlkilled", VmOpts::default());
@@ -364,6 +370,7 @@ fn vmctl_killed_mid_backup_leaves_nothing_in_the_way_of_the_next() {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn a_second_backup_of_the_same_vm_is_refused_while_one_runs() {
     require_vm!();
     let vm = TestVm::boot("twobackups", VmOpts::default());
@@ -380,6 +387,7 @@ fn a_second_backup_of_the_same_vm_is_refused_while_one_runs() {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn a_full_target_is_a_clear_error_with_the_guest_thawed_and_nothing_listed() {
     require_vm!();
     let vm = TestVm::boot("fulltarget", VmOpts::default());

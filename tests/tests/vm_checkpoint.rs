@@ -103,6 +103,7 @@ fn flip_byte(p: &Path, at: u64) {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn a_restored_guest_counts_on_from_where_it_was_saved() {
     require_vm!();
     let vm = TestVm::boot("ckcount", opts());
@@ -140,6 +141,7 @@ fn a_restored_guest_counts_on_from_where_it_was_saved() {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn two_checkpoints_restore_in_either_order_with_their_own_memory_and_disks() {
     require_vm!();
     let vm = TestVm::boot("cktwo", opts());
@@ -174,6 +176,7 @@ fn two_checkpoints_restore_in_either_order_with_their_own_memory_and_disks() {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn poweroff_leaves_the_vm_stopped_and_the_checkpoint_complete() {
     require_vm!();
     let vm = TestVm::boot("ckoff", opts());
@@ -199,6 +202,7 @@ fn poweroff_leaves_the_vm_stopped_and_the_checkpoint_complete() {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn qemu_killed_mid_create_leaves_no_good_checkpoint() {
     require_vm!();
     let vm = TestVm::boot("ckkill", opts());
@@ -243,6 +247,7 @@ fn qemu_killed_mid_create_leaves_no_good_checkpoint() {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn a_flipped_byte_makes_restore_refuse_and_name_the_file() {
     require_vm!();
     let vm = TestVm::boot("ckflip", opts());
@@ -288,6 +293,7 @@ fn a_flipped_byte_makes_restore_refuse_and_name_the_file() {
 }
 
 #[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn suspend_then_resume_continues_the_guest() {
     require_vm!();
     let vm = TestVm::boot("cksusp", opts());

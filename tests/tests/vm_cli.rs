@@ -8,7 +8,9 @@ use tests::*;
 
 fn vmctl(state: &std::path::Path, args: &[&str]) -> Output {
     let mut cmd = Command::new(bin("vmctl"));
-    cmd.env("VMCTL_STATE_DIR", state).args(args);
+    // TMPDIR too: vmctl keeps the lock of an attached VM there, and a lock file another user
+    // left in /tmp would fail the test.
+    cmd.env("VMCTL_STATE_DIR", state).env("TMPDIR", state).args(args);
     run_with_limit(cmd, Duration::from_secs(30))
 }
 
@@ -18,7 +20,10 @@ fn unknown_vms_and_missing_qemu_get_exit_3_and_the_fix() {
     let out = vmctl(d.path(), &["status", "web1"]);
     assert_eq!(out.code, Some(3), "{}", out.stderr);
     assert!(out.stderr.contains("vmctl list"), "{}", out.stderr);
-    let out = vmctl(d.path(), &["--qmp", "/nonexistent/qmp.sock", "backup", "--target", "/tmp/x", "--json"]);
+    let target = d.path().join("backups");
+    std::fs::create_dir(&target).unwrap();
+    let out =
+        vmctl(d.path(), &["--qmp", "/nonexistent/qmp.sock", "backup", "--target", target.to_str().unwrap(), "--json"]);
     assert_eq!(out.code, Some(3), "{}", out.stderr);
     let v: Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
     assert_eq!(v["ok"], false);

@@ -12,6 +12,7 @@ fn json_out(o: &Output, what: &str) -> Value {
 }
 
 #[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
 fn vssctl_status_freeze_and_thaw_drive_vssd() {
     require_root!();
     let sb = Sandbox::new("ctl_basic");
@@ -52,6 +53,7 @@ fn vssctl_status_freeze_and_thaw_drive_vssd() {
 }
 
 #[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
 fn vssctl_freeze_of_listed_mountpoints_with_a_deadline_auto_thaws() {
     require_root!();
     let sb = Sandbox::new("ctl_deadline");
@@ -76,6 +78,7 @@ fn vssctl_freeze_of_listed_mountpoints_with_a_deadline_auto_thaws() {
 }
 
 #[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
 fn vssctl_thaw_all_thaws_directly_when_vssd_was_killed_while_frozen() {
     require_root!();
     let sb = Sandbox::new("ctl_thaw_all");
@@ -130,6 +133,7 @@ fn vssctl_thaw_all_thaws_directly_when_vssd_was_killed_while_frozen() {
 }
 
 #[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
 fn vssctl_thaw_all_goes_through_vssd_when_it_is_alive() {
     require_root!();
     let sb = Sandbox::new("ctl_thaw_all_live");
@@ -147,6 +151,7 @@ fn vssctl_thaw_all_goes_through_vssd_when_it_is_alive() {
 }
 
 #[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
 fn vssctl_exit_codes_for_usage_and_unreachable() {
     require_root!();
     let sb = Sandbox::new("ctl_codes");

@@ -72,26 +72,26 @@ fn connect(path: &Path) -> UnixStream {
     }
 }
 
+/// The workspace's QGA client, on a stream of which this bench keeps a second handle to poll:
+/// it serves the apps on the same thread and must learn when vssd's reply is there.
 struct Qga {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
+    c: qga_wire::Client,
+    poll: UnixStream,
 }
 
 impl Qga {
     fn new(path: &Path) -> Qga {
         let s = connect(path);
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        Qga { w: s.try_clone().unwrap(), r: BufReader::new(s) }
+        let poll = s.try_clone().unwrap();
+        let mut c = qga_wire::Client::from_stream(s).unwrap_or_else(|e| panic!("{}", tests::chain(&e)));
+        c.set_timeout(Duration::from_secs(60));
+        Qga { c, poll }
     }
     fn send(&mut self, cmd: &str, args: Value) {
-        let mut b = serde_json::to_vec(&json!({"execute": cmd, "arguments": args})).unwrap();
-        b.push(b'\n');
-        self.w.write_all(&b).unwrap();
+        self.c.send(&json!({"execute": cmd, "arguments": args})).unwrap_or_else(|e| panic!("{}", tests::chain(&e)));
     }
     fn recv(&mut self) -> Value {
-        let mut l = String::new();
-        self.r.read_line(&mut l).unwrap();
-        let v: Value = serde_json::from_str(&l).unwrap();
+        let v = self.c.read_reply().unwrap_or_else(|e| panic!("{}", tests::chain(&e))).value;
         v.get("return").cloned().unwrap_or_else(|| panic!("error: {v}"))
     }
     fn call(&mut self, cmd: &str, args: Value) -> Value {
@@ -221,7 +221,7 @@ fn run_vssd(n: usize, cycles: usize) -> (f64, f64, f64, f64) {
         let t0 = Instant::now();
         q.send("vssd-freeze", json!({}));
         // Serve PREPARE/FREEZE until the reply is there: one poll over the apps and the channel.
-        let chan = q.w.try_clone().unwrap();
+        let chan = q.poll.try_clone().unwrap();
         let (woke, _) = apps.serve(Duration::from_secs(60), Some(&chan));
         assert!(woke, "no reply to vssd-freeze within 60 s");
         let report = q.recv();

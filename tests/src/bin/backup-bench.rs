@@ -123,31 +123,15 @@ fn cycles(vm: &TestVm, n: usize) -> Cycles {
 /// command waits before it can start. Each round connects afresh, sends 0xFF +
 /// guest-sync-delimited and waits for its reply. Median in ms.
 fn first_answer_ms(vm: &TestVm, rounds: usize) -> f64 {
-    use std::io::{Read, Write};
     let mut v = Vec::new();
-    for i in 0..rounds {
+    for _ in 0..rounds {
         std::thread::sleep(Duration::from_millis(300));
         let t = Instant::now();
-        let mut s = std::os::unix::net::UnixStream::connect(vm.dir().join("agent.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let id = 4242 + i;
-        s.write_all(
-            format!("\u{ff}{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n").as_bytes(),
-        )
-        .unwrap();
-        let want = format!("{{\"return\": {id}}}");
-        let want2 = format!("{{\"return\":{id}}}");
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = s.read(&mut buf).expect("the agent answers within 10 s");
-            assert!(n > 0, "the agent channel closed");
-            got.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&got);
-            if text.contains(&want) || text.contains(&want2) {
-                break;
-            }
-        }
+        // What vmctl does first: the workspace's client, its 0xFF + guest-sync-delimited resync.
+        let mut c =
+            qga_wire::Client::connect(&vm.dir().join("agent.sock")).unwrap_or_else(|e| panic!("{}", tests::chain(&e)));
+        c.sync_timeout = Duration::from_secs(10);
+        c.sync().unwrap_or_else(|e| panic!("the agent answers within 10 s: {}", tests::chain(&e)));
         v.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     median(&mut v)

@@ -9,8 +9,6 @@
 //! qemu-ga only ever gets the explicit list).
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -134,40 +132,30 @@ impl Drop for Fleet {
     }
 }
 
-struct Qga {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
+/// The workspace's QGA client. After connecting, one resynchronised `guest-ping`; the timed
+/// exchanges are bare `command`s (no resync round trip), as a host's freeze would be.
+struct Qga(qga_wire::Client);
+
+/// How long any one exchange may take.
+const LIMIT: Duration = Duration::from_secs(30);
 
 impl Qga {
     fn connect(path: &Path) -> Result<Qga, String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match UnixStream::connect(path) {
-                Ok(s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                    let w = s.try_clone().unwrap();
-                    let mut q = Qga { r: BufReader::new(s), w };
-                    q.call("guest-ping", json!({}))?;
-                    return Ok(q);
+            match qga_wire::Client::connect(path) {
+                Ok(mut c) => {
+                    c.execute("guest-ping", None, LIMIT).map_err(|e| tests::chain(&e))?;
+                    return Ok(Qga(c));
                 }
                 Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => return Err(format!("cannot connect to {}: {e}", path.display())),
+                Err(e) => return Err(tests::chain(&e)),
             }
         }
     }
 
     fn call(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
-        let mut req = serde_json::to_vec(&json!({"execute": cmd, "arguments": args})).unwrap();
-        req.push(b'\n');
-        self.w.write_all(&req).map_err(|e| e.to_string())?;
-        let mut line = Vec::new();
-        self.r.read_until(b'\n', &mut line).map_err(|e| e.to_string())?;
-        let v: Value = serde_json::from_slice(&line).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&line)))?;
-        match v.get("return") {
-            Some(r) => Ok(r.clone()),
-            None => Err(format!("{cmd}: {}", v["error"])),
-        }
+        self.0.command(cmd, Some(args), LIMIT).map_err(|e| tests::chain(&e))
     }
 }
 

@@ -1,10 +1,8 @@
-//! vsock-qga: a minimal QGA client over AF_VSOCK, for the VM tier's guest (built static by
+//! vsock-qga: one QGA command over AF_VSOCK (with the workspace's client, `qga-wire`), for the VM tier's guest (built static by
 //! tests/guest/build.sh). Inside the guest it reaches vssd through `vsock_loopback` (CID 1),
 //! since this host has no vhost-vsock: `vsock-qga 1:4444 guest-fsfreeze-status` prints the
 //! reply line and exits 0 when it was a `return`.
 #![forbid(unsafe_code)]
-
-use std::io::{BufRead, BufReader, Write};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -20,12 +18,15 @@ fn main() {
         eprintln!("vsock-qga: connect {addr}: {e}");
         std::process::exit(1);
     });
-    let mut s = std::fs::File::from(fd);
-    let req = format!("{{\"execute\":{}}}\n", serde_json::Value::String(cmd.clone()));
-    s.write_all(req.as_bytes()).expect("send");
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).expect("read the reply");
-    print!("{line}");
-    let ok = serde_json::from_str::<serde_json::Value>(&line).map(|v| v.get("return").is_some()).unwrap_or(false);
-    std::process::exit(if ok { 0 } else { 1 });
+    // The workspace's one QGA client speaks over a UnixStream; the calls it makes on it
+    // (write, read, SO_RCVTIMEO/SO_SNDTIMEO, shutdown) are those of any stream socket, so it
+    // serves a vsock one as well.
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    let reply = qga_wire::Client::from_stream(stream).and_then(|mut c| c.exchange(cmd, None));
+    let reply = reply.unwrap_or_else(|e| {
+        eprintln!("vsock-qga: {}", tests::chain(&e));
+        std::process::exit(1);
+    });
+    println!("{reply}");
+    std::process::exit(if reply.get("return").is_some() { 0 } else { 1 });
 }
