@@ -58,10 +58,11 @@ cargo_test() {
 }
 
 # Per test binary of a cargo test log: "BINARY<TAB>IGNORED" (BINARY as cargo names it in its
-# `Running ...` or `Doc-tests ...` line).
+# `Running ...` or `Doc-tests ...` line, less the hash: a binary built for `--test X` has
+# another hash than the same test built by the unit run).
 ignored_per_binary() {
   awk '
-    /^ *Running / { bin = $0; sub(/^ *Running /, "", bin); next }
+    /^ *Running / { bin = $0; sub(/^ *Running /, "", bin); sub(/-[0-9a-f]+\)$/, ")", bin); next }
     /^ *Doc-tests / { bin = $0; sub(/^ *Doc-tests /, "doc-tests ", bin); next }
     /^test result: / {
       n = 0
