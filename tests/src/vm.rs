@@ -16,7 +16,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -149,6 +149,32 @@ pub struct Ack {
 }
 
 impl TestVm {
+    /// Starts `vmctl backup VM --bandwidth 1 --json` (1 MiB/s: there is a "mid-backup") and
+    /// returns once its target images exist, i.e. past the preparation. Output is piped.
+    #[allow(clippy::zombie_processes)] // returned to the caller, which kills and waits for it
+    pub fn start_slow_backup(&self) -> std::process::Child {
+        let mut child = Command::new(bin("vmctl"))
+            .env("VMCTL_STATE_DIR", self.state_dir())
+            .args(["backup", self.name.as_str(), "--bandwidth", "1", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let partial = partial_backups(&self.backups());
+            if partial.len() == 1 && self.backups().join(&partial[0]).join("data2.qcow2").exists() {
+                return child;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the backup never started");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Creates the VM with `vmctl create` (disks imported from the built guest) and starts it
     /// with `vmctl start`; returns once the guest's init said "ready".
     pub fn boot(name: &str, opts: VmOpts) -> TestVm {
@@ -431,6 +457,18 @@ impl Drop for TestVm {
             eprintln!("[vm] kept {}", self.root.display());
         }
     }
+}
+
+/// The `.partial-*` directories (backups in progress, or left by a vmctl that died) in `dir`.
+pub fn partial_backups(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".partial"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Reaps ended QEMU children of this process (see [`TestVm::reap`]).

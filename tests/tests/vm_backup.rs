@@ -2,11 +2,10 @@
 //! inside the backups) and QEMU; builds the guest image on first use.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hostsim::inspect::RawImage;
-use tests::vm::{check_records, sqlite, TestVm, VmOpts};
+use tests::vm::{check_records, partial_backups, sqlite, TestVm, VmOpts};
 use tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -23,17 +22,6 @@ fn listed(vm: &TestVm, target: Option<&Path>) -> (Vec<String>, usize) {
     };
     let ids = v["backups"].as_array().unwrap().iter().map(|b| b["id"].as_str().unwrap().to_string()).collect();
     (ids, v["incomplete"].as_array().map(|a| a.len()).unwrap_or(0))
-}
-
-fn hidden_entries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(".partial"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]
@@ -274,7 +262,7 @@ fn agent_silent_or_missing_gives_crash_consistent_or_a_clear_refusal() {
     let err = v["error"].as_str().unwrap();
     assert!(err.contains("--quiesce required") && err.contains("best-effort"), "{err}");
     assert_eq!(listed(&vm, None), (ids.clone(), 0));
-    assert!(hidden_entries(&vm.backups()).is_empty());
+    assert!(partial_backups(&vm.backups()).is_empty());
 
     // Missing (attach mode without --agent): the same two outcomes.
     let target = vm.work().join("attached");
@@ -288,33 +276,7 @@ fn agent_silent_or_missing_gives_crash_consistent_or_a_clear_refusal() {
     let v = vm.vmctl_json(&args, 4);
     assert!(v["error"].as_str().unwrap().contains("no guest agent"), "{v}");
     assert_eq!(listed(&vm, Some(&target)).0.len(), 1, "only the best-effort backup");
-    assert!(hidden_entries(&target).is_empty());
-}
-
-/// Starts `vmctl backup VM --bandwidth 1 --json` (1 MiB/s: there is a "mid-backup") and
-/// returns once its target images exist, i.e. past the preparation. Output is piped.
-#[allow(clippy::zombie_processes)] // returned to the caller, which kills and waits for it
-fn start_slow_backup(vm: &TestVm) -> std::process::Child {
-    let mut child = Command::new(bin("vmctl"))
-        .env("VMCTL_STATE_DIR", vm.state_dir())
-        .args(["backup", vm.name.as_str(), "--bandwidth", "1", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let partial = hidden_entries(&vm.backups());
-        if partial.len() == 1 && vm.backups().join(&partial[0]).join("data2.qcow2").exists() {
-            return child;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the backup never started");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(partial_backups(&target).is_empty());
 }
 
 #[test]
@@ -323,7 +285,7 @@ fn qemu_killed_mid_backup_is_a_clear_error_and_leaves_no_backup() {
     require_vm!();
     let vm = TestVm::boot("killed", VmOpts::default());
     vm.wait_acks("e3", 10, Duration::from_secs(30));
-    let mut child = start_slow_backup(&vm);
+    let mut child = vm.start_slow_backup();
     // Past the freeze window (it takes well under a second) and into the copy.
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().unwrap().is_none(), "the backup should still be copying at 1 MiB/s");
@@ -333,7 +295,7 @@ fn qemu_killed_mid_backup_is_a_clear_error_and_leaves_no_backup() {
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_str(&stdout).unwrap();
     assert!(v["error"].as_str().unwrap().contains("QEMU exited"), "{v}");
-    assert!(hidden_entries(&vm.backups()).is_empty(), "the partial backup was removed");
+    assert!(partial_backups(&vm.backups()).is_empty(), "the partial backup was removed");
     let (ids, debris) = listed(&vm, None);
     assert!(ids.is_empty() && debris == 0, "nothing claims to be a backup: {ids:?}");
 }
@@ -344,7 +306,7 @@ fn vmctl_killed_mid_backup_leaves_nothing_in_the_way_of_the_next() {
     require_vm!();
     let vm = TestVm::boot("vmctlkilled", VmOpts::default());
     vm.wait_acks("e3", 10, Duration::from_secs(30));
-    let mut child = start_slow_backup(&vm);
+    let mut child = vm.start_slow_backup();
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().unwrap().is_none(), "the backup should still be copying at 1 MiB/s");
     child.kill().unwrap();
@@ -360,7 +322,7 @@ fn vmctl_killed_mid_backup_leaves_nothing_in_the_way_of_the_next() {
     // The next backup cleans up after it and succeeds.
     let v = vm.vmctl_json(&["backup", "vmctlkilled"], 0);
     assert_ne!(v["consistency"], "crash", "{v}");
-    assert!(hidden_entries(&vm.backups()).is_empty(), "the dead vmctl's partial backup was removed");
+    assert!(partial_backups(&vm.backups()).is_empty(), "the dead vmctl's partial backup was removed");
     let (ids, debris) = listed(&vm, None);
     assert_eq!((ids.len(), debris), (1, 0), "{ids:?}");
     let jobs = vm.qmp().execute("query-jobs", None).unwrap();
@@ -375,7 +337,7 @@ fn a_second_backup_of_the_same_vm_is_refused_while_one_runs() {
     require_vm!();
     let vm = TestVm::boot("twobackups", VmOpts::default());
     vm.wait_acks("e3", 10, Duration::from_secs(30));
-    let mut child = start_slow_backup(&vm);
+    let mut child = vm.start_slow_backup();
     // Into another target: the first one's jobs must not be mistaken for a dead vmctl's.
     let other = vm.work().join("other-target");
     let out = vm.vmctl(&["backup", "twobackups", "--target", other.to_str().unwrap()]);
@@ -412,7 +374,7 @@ fn a_full_target_is_a_clear_error_with_the_guest_thawed_and_nothing_listed() {
     let err = v["error"].as_str().unwrap();
     assert!(err.contains("filled up") && err.contains("another --target"), "{err}");
     assert_eq!(vm.fsstatus(), "thawed");
-    assert!(hidden_entries(&small).is_empty(), "the partial backup was removed");
+    assert!(partial_backups(&small).is_empty(), "the partial backup was removed");
     assert_eq!(listed(&vm, Some(&small)), (vec![], 0));
     // The guest is fine: its writers go on.
     let now = vm.last_acks();

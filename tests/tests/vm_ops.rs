@@ -4,7 +4,7 @@
 //! runs these with `--include-ignored`.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::vm::{TestVm, VmOpts};
@@ -38,32 +38,6 @@ fn hidden(dir: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Starts `vmctl backup VM --bandwidth 1 --json` (1 MiB/s: there is a "mid-backup") and
-/// returns once its target images exist, i.e. past the preparation. Output is piped.
-#[allow(clippy::zombie_processes)] // returned to the caller, which kills and waits for it
-fn start_slow_backup(vm: &TestVm) -> std::process::Child {
-    let mut child = Command::new(bin("vmctl"))
-        .env("VMCTL_STATE_DIR", vm.state_dir())
-        .args(["backup", vm.name.as_str(), "--bandwidth", "1", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let partial = hidden(&vm.backups());
-        if partial.len() == 1 && vm.backups().join(&partial[0]).join("data2.qcow2").exists() {
-            return child;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the backup never started");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -113,7 +87,7 @@ fn a_backup_and_a_checkpoint_of_one_vm_exclude_each_other_by_name() {
     require_vm_tier();
     let vm = TestVm::boot("oplock", VmOpts::default());
     vm.wait_acks("e3", 10, Duration::from_secs(30));
-    let mut child = start_slow_backup(&vm);
+    let mut child = vm.start_slow_backup();
     let pid = child.id();
 
     // A checkpoint, and a suspend, of the VM while its backup copies: refused at once, by
