@@ -8,14 +8,19 @@
 //! exception is appvss's C ABI module). Each block carries a `// SAFETY:` comment that says
 //! why it is sound; `clippy::undocumented_unsafe_blocks` (a workspace lint) enforces that.
 //! The blocks: the two ioctls in `freeze`, taking ownership of an accepted descriptor in
-//! `vsock`. Every public function is safe.
+//! `vsock`, `localtime_r` / `clock_settime` in `clock`, `uname` in `uts`, `getifaddrs` and
+//! `SIOCGIFHWADDR` in `net`, `setsid` before exec in `process`. Every public function is safe.
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod clock;
 pub mod freeze;
 pub mod mountinfo;
+pub mod net;
+pub mod process;
 pub mod rcu;
 pub mod topology;
+pub mod uts;
 pub mod virtio;
 pub mod vsock;
 
