@@ -21,14 +21,17 @@ use crate::reply::QgaError;
 /// Declares the commands: generates [`Command`] (with arguments), [`CommandName`] (without),
 /// and the one match from a name's arguments to a `Command`.
 ///
-/// Each entry: `Variant { field: Type, .. } = "wire-name", while_frozen: BOOL` and, when the
-/// command takes arguments, `, parse: |a| EXPR` building the variant from `a: &mut Args`.
+/// Each entry: `Variant { field: Type, .. } = "wire-name", while_frozen: BOOL`, then
+/// `, success_response: false` for a command that sends no reply when it succeeds (qemu-ga's
+/// `guest-shutdown` and `guest-suspend-*`: the guest is going away), and, when the command
+/// takes arguments, `, parse: |a| EXPR` building the variant from `a: &mut Args`.
 /// Arguments that are left unread are "unexpected", as in QEMU.
 macro_rules! commands {
     ($(
         $(#[doc = $doc:literal])*
         $variant:ident $({ $($field:ident : $ty:ty),* $(,)? })? = $wire:literal,
         while_frozen: $frozen:literal
+        $(, success_response: $sr:literal)?
         $(, parse: |$a:ident| $parse:expr)?;
     )*) => {
         /// A command the agent knows, with its arguments checked.
@@ -58,6 +61,12 @@ macro_rules! commands {
                 match self { $(CommandName::$variant => $frozen,)* }
             }
 
+            /// Whether a success gets a reply (`guest-info`'s `success-response`); errors
+            /// always do.
+            pub fn success_response(self) -> bool {
+                match self { $(CommandName::$variant => commands!(@success $($sr)?),)* }
+            }
+
             /// The command of this wire name, if the agent knows it.
             pub fn from_wire(name: &str) -> Option<CommandName> {
                 match name {
@@ -80,6 +89,8 @@ macro_rules! commands {
             }
         }
     };
+    (@success) => { true };
+    (@success $sr:literal) => { $sr };
     (@parse $args:ident, $variant:ident) => { Ok(Command::$variant) };
     (@parse $args:ident, $variant:ident, $a:ident, $parse:expr) => {{
         let $a: &mut Args = $args;
@@ -98,6 +109,36 @@ commands! {
     Ping = "guest-ping", while_frozen: true;
     /// The agent's version and commands, each with whether it is enabled now.
     Info = "guest-info", while_frozen: true;
+    /// The wall clock, in nanoseconds since the epoch (microsecond resolution, as qemu-ga).
+    GetTime = "guest-get-time", while_frozen: false;
+    /// Sets the clock to `time` (ns) and the RTC from it; absent: the clock from the RTC.
+    SetTime { time: Option<i64> } = "guest-set-time", while_frozen: false,
+        parse: |a| Command::SetTime { time: a.optional("time", Value::as_i64, "integer")? };
+    /// The local zone's abbreviation and UTC offset now.
+    GetTimezone = "guest-get-timezone", while_frozen: false;
+    /// The kernel (uname) and the distribution (os-release).
+    GetOsinfo = "guest-get-osinfo", while_frozen: false;
+    /// The host name.
+    GetHostName = "guest-get-host-name", while_frozen: false;
+    /// The logged-in users (utmp), each once, with the earliest login time.
+    GetUsers = "guest-get-users", while_frozen: false;
+    /// The logical CPUs and whether each is online and can be offlined.
+    GetVcpus = "guest-get-vcpus", while_frozen: false;
+    /// The memory blocks and whether each is online and can be offlined.
+    GetMemoryBlocks = "guest-get-memory-blocks", while_frozen: false;
+    /// The size of a memory block.
+    GetMemoryBlockInfo = "guest-get-memory-block-info", while_frozen: false;
+    /// The network interfaces: hardware address, IP addresses with prefix, statistics.
+    NetworkGetInterfaces = "guest-network-get-interfaces", while_frozen: false;
+    /// Powers off, halts or reboots (`/sbin/shutdown`); no reply when it works.
+    Shutdown { mode: ShutdownMode } = "guest-shutdown", while_frozen: false, success_response: false,
+        parse: |a| shutdown(a)?;
+    /// Suspends to disk; no reply when it works.
+    SuspendDisk = "guest-suspend-disk", while_frozen: false, success_response: false;
+    /// Suspends to RAM; no reply when it works.
+    SuspendRam = "guest-suspend-ram", while_frozen: false, success_response: false;
+    /// Suspends to RAM and disk; no reply when it works.
+    SuspendHybrid = "guest-suspend-hybrid", while_frozen: false, success_response: false;
     /// "frozen" or "thawed".
     FsfreezeStatus = "guest-fsfreeze-status", while_frozen: true;
     /// Freezes every eligible filesystem; answers how many.
@@ -123,6 +164,31 @@ commands! {
     /// What a freeze of these mount points (absent: all) would do, and why.
     VssdPlan { mountpoints: Option<Vec<PathBuf>> } = "vssd-plan", while_frozen: true,
         parse: |a| Command::VssdPlan { mountpoints: a.paths("mountpoints")? };
+}
+
+/// `guest-shutdown`'s `mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// `"powerdown"`, the default: `shutdown -h -P`.
+    Powerdown,
+    /// `"halt"`: `shutdown -h -H`.
+    Halt,
+    /// `"reboot"`: `shutdown -h -r`.
+    Reboot,
+}
+
+fn shutdown(a: &mut Args) -> Result<Command, QgaError> {
+    let mode = a.optional("mode", |v| v.as_str().map(str::to_owned), "string")?;
+    // qemu-ga's marshaller takes any string; the command itself then refuses an unknown one,
+    // after the unexpected-member check, with this wording (its closing parenthesis missing).
+    a.done()?;
+    let mode = match mode.as_deref() {
+        None | Some("powerdown") => ShutdownMode::Powerdown,
+        Some("halt") => ShutdownMode::Halt,
+        Some("reboot") => ShutdownMode::Reboot,
+        Some(_) => return Err(QgaError::generic("mode is invalid (valid values are: halt|powerdown|reboot")),
+    };
+    Ok(Command::Shutdown { mode })
 }
 
 /// `vssd-freeze`'s `cannot-freeze`: what to do with a filesystem that cannot be frozen.
@@ -318,6 +384,35 @@ mod tests {
             (r#"{"execute":"guest-ping"}"#, Command::Ping),
             (r#"{"execute":"guest-ping","arguments":{}}"#, Command::Ping),
             (r#"{"execute":"guest-info"}"#, Command::Info),
+            (r#"{"execute":"guest-get-time"}"#, Command::GetTime),
+            (r#"{"execute":"guest-set-time"}"#, Command::SetTime { time: None }),
+            (r#"{"execute":"guest-set-time","arguments":{"time":null}}"#, Command::SetTime { time: None }),
+            (
+                r#"{"execute":"guest-set-time","arguments":{"time":1700000000123456789}}"#,
+                Command::SetTime { time: Some(1_700_000_000_123_456_789) },
+            ),
+            (r#"{"execute":"guest-set-time","arguments":{"time":-1}}"#, Command::SetTime { time: Some(-1) }),
+            (r#"{"execute":"guest-get-timezone"}"#, Command::GetTimezone),
+            (r#"{"execute":"guest-get-osinfo"}"#, Command::GetOsinfo),
+            (r#"{"execute":"guest-get-host-name"}"#, Command::GetHostName),
+            (r#"{"execute":"guest-get-users"}"#, Command::GetUsers),
+            (r#"{"execute":"guest-get-vcpus"}"#, Command::GetVcpus),
+            (r#"{"execute":"guest-get-memory-blocks"}"#, Command::GetMemoryBlocks),
+            (r#"{"execute":"guest-get-memory-block-info"}"#, Command::GetMemoryBlockInfo),
+            (r#"{"execute":"guest-network-get-interfaces"}"#, Command::NetworkGetInterfaces),
+            (r#"{"execute":"guest-shutdown"}"#, Command::Shutdown { mode: ShutdownMode::Powerdown }),
+            (
+                r#"{"execute":"guest-shutdown","arguments":{"mode":"powerdown"}}"#,
+                Command::Shutdown { mode: ShutdownMode::Powerdown },
+            ),
+            (r#"{"execute":"guest-shutdown","arguments":{"mode":"halt"}}"#, Command::Shutdown { mode: ShutdownMode::Halt }),
+            (
+                r#"{"execute":"guest-shutdown","arguments":{"mode":"reboot"}}"#,
+                Command::Shutdown { mode: ShutdownMode::Reboot },
+            ),
+            (r#"{"execute":"guest-suspend-disk"}"#, Command::SuspendDisk),
+            (r#"{"execute":"guest-suspend-ram"}"#, Command::SuspendRam),
+            (r#"{"execute":"guest-suspend-hybrid"}"#, Command::SuspendHybrid),
             (r#"{"execute":"guest-fsfreeze-status"}"#, Command::FsfreezeStatus),
             (r#"{"execute":"guest-fsfreeze-freeze"}"#, Command::FsfreezeFreeze),
             (
@@ -376,7 +471,47 @@ mod tests {
             assert_eq!(CommandName::from_wire(n.as_str()), Some(*n));
             assert!(CommandName::ALL[i + 1..].iter().all(|m| m.as_str() != n.as_str()), "{} twice", n.as_str());
         }
-        assert_eq!(CommandName::ALL.len(), 12);
+        assert_eq!(CommandName::ALL.len(), 26);
+    }
+
+    /// qemu-ga 7.2's guest-info: `success-response` is false for these four only.
+    #[test]
+    fn only_shutdown_and_suspend_send_no_reply_on_success() {
+        let silent: Vec<&str> =
+            CommandName::ALL.iter().filter(|n| !n.success_response()).map(|n| n.as_str()).collect();
+        assert_eq!(silent, ["guest-shutdown", "guest-suspend-disk", "guest-suspend-ram", "guest-suspend-hybrid"]);
+    }
+
+    /// The platform commands come right after guest-info, in the brief's order, and none of
+    /// them runs while frozen (qemu-ga's `ga_freeze_allowlist` has none of them).
+    #[test]
+    fn platform_commands_follow_guest_info_and_are_disabled_while_frozen() {
+        let names: Vec<&str> = CommandName::ALL.iter().map(|n| n.as_str()).collect();
+        let at = names.iter().position(|n| *n == "guest-info").unwrap();
+        let platform = [
+            "guest-get-time",
+            "guest-set-time",
+            "guest-get-timezone",
+            "guest-get-osinfo",
+            "guest-get-host-name",
+            "guest-get-users",
+            "guest-get-vcpus",
+            "guest-get-memory-blocks",
+            "guest-get-memory-block-info",
+            "guest-network-get-interfaces",
+            "guest-shutdown",
+            "guest-suspend-disk",
+            "guest-suspend-ram",
+            "guest-suspend-hybrid",
+        ];
+        assert_eq!(&names[at + 1..at + 1 + platform.len()], platform);
+        for n in platform {
+            let e = err(&format!(r#"{{"execute":"{n}"}}"#), true);
+            assert_eq!(
+                (e.class, e.desc),
+                (ErrorClass::CommandNotFound, format!("Command {n} has been disabled: the agent is in frozen state"))
+            );
+        }
     }
 
     #[test]
@@ -476,6 +611,71 @@ mod tests {
                 "Command vssd-freeze has been disabled: the agent is in frozen state",
             ),
             (r#"{"execute":"no-such-cmd"}"#, true, CommandNotFound, "The command no-such-cmd has not been found"),
+            // The platform commands' arguments, as QEMU's marshallers and qemu-ga word them.
+            (r#"{"execute":"guest-get-time","arguments":{"x":1}}"#, false, GenericError, "Parameter 'x' is unexpected"),
+            (
+                r#"{"execute":"guest-network-get-interfaces","arguments":{"all":true}}"#,
+                false,
+                GenericError,
+                "Parameter 'all' is unexpected",
+            ),
+            (
+                r#"{"execute":"guest-set-time","arguments":{"time":"now"}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'time', expected: integer",
+            ),
+            (
+                r#"{"execute":"guest-set-time","arguments":{"time":1.5}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'time', expected: integer",
+            ),
+            (
+                r#"{"execute":"guest-set-time","arguments":{"time":9223372036854775808}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'time', expected: integer",
+            ),
+            (r#"{"execute":"guest-set-time","arguments":{"tim":1}}"#, false, GenericError, "Parameter 'tim' is unexpected"),
+            (
+                r#"{"execute":"guest-shutdown","arguments":{"mode":"sleep"}}"#,
+                false,
+                GenericError,
+                "mode is invalid (valid values are: halt|powerdown|reboot",
+            ),
+            (
+                r#"{"execute":"guest-shutdown","arguments":{"mode":""}}"#,
+                false,
+                GenericError,
+                "mode is invalid (valid values are: halt|powerdown|reboot",
+            ),
+            (
+                r#"{"execute":"guest-shutdown","arguments":{"mode":"Reboot"}}"#,
+                false,
+                GenericError,
+                "mode is invalid (valid values are: halt|powerdown|reboot",
+            ),
+            (
+                r#"{"execute":"guest-shutdown","arguments":{"mode":1}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'mode', expected: string",
+            ),
+            // An unexpected member is reported before a bad mode, as in qemu-ga.
+            (
+                r#"{"execute":"guest-shutdown","arguments":{"mode":"sleep","x":1}}"#,
+                false,
+                GenericError,
+                "Parameter 'x' is unexpected",
+            ),
+            (
+                r#"{"execute":"guest-shutdown","arguments":{"mode":"sleep"}}"#,
+                true,
+                CommandNotFound,
+                "Command guest-shutdown has been disabled: the agent is in frozen state",
+            ),
+            (r#"{"execute":"guest-suspend-ram","arguments":{"x":1}}"#, false, GenericError, "Parameter 'x' is unexpected"),
             (
                 r#"{"execute":"vssd-freeze","arguments":{"deadline":0}}"#,
                 false,
@@ -574,7 +774,8 @@ mod tests {
             ]);
         }
         names.extend(["".into(), "guest-".into(), "vssd-".into(), "é".into(), "x".repeat(10_000), "\u{FFFD}".into()]);
-        let keys = ["id", "mountpoints", "deadline", "cannot-freeze", "bind-to-channel", "app-failure", "", "x"];
+        let keys =
+            ["id", "mountpoints", "deadline", "cannot-freeze", "bind-to-channel", "app-failure", "time", "mode", "", "x"];
         let mut count = 0;
         for name in &names {
             let mut argsets = vec![None, Some(json!([])), Some(json!("a")), Some(json!(null)), Some(json!({}))];
