@@ -27,7 +27,12 @@ pub fn uname() -> Result<Uname, Errno> {
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: `u` is a live, writable utsname for the whole call; uname writes only it.
     Errno::result(unsafe { libc::uname(&mut u) })?;
-    Ok(Uname { nodename: field(&u.nodename), release: field(&u.release), version: field(&u.version), machine: field(&u.machine) })
+    Ok(Uname {
+        nodename: field(&u.nodename),
+        release: field(&u.release),
+        version: field(&u.version),
+        machine: field(&u.machine),
+    })
 }
 
 #[cfg(test)]

@@ -405,7 +405,10 @@ mod tests {
                 r#"{"execute":"guest-shutdown","arguments":{"mode":"powerdown"}}"#,
                 Command::Shutdown { mode: ShutdownMode::Powerdown },
             ),
-            (r#"{"execute":"guest-shutdown","arguments":{"mode":"halt"}}"#, Command::Shutdown { mode: ShutdownMode::Halt }),
+            (
+                r#"{"execute":"guest-shutdown","arguments":{"mode":"halt"}}"#,
+                Command::Shutdown { mode: ShutdownMode::Halt },
+            ),
             (
                 r#"{"execute":"guest-shutdown","arguments":{"mode":"reboot"}}"#,
                 Command::Shutdown { mode: ShutdownMode::Reboot },
@@ -477,8 +480,7 @@ mod tests {
     /// qemu-ga 7.2's guest-info: `success-response` is false for these four only.
     #[test]
     fn only_shutdown_and_suspend_send_no_reply_on_success() {
-        let silent: Vec<&str> =
-            CommandName::ALL.iter().filter(|n| !n.success_response()).map(|n| n.as_str()).collect();
+        let silent: Vec<&str> = CommandName::ALL.iter().filter(|n| !n.success_response()).map(|n| n.as_str()).collect();
         assert_eq!(silent, ["guest-shutdown", "guest-suspend-disk", "guest-suspend-ram", "guest-suspend-hybrid"]);
     }
 
@@ -637,7 +639,12 @@ mod tests {
                 GenericError,
                 "Invalid parameter type for 'time', expected: integer",
             ),
-            (r#"{"execute":"guest-set-time","arguments":{"tim":1}}"#, false, GenericError, "Parameter 'tim' is unexpected"),
+            (
+                r#"{"execute":"guest-set-time","arguments":{"tim":1}}"#,
+                false,
+                GenericError,
+                "Parameter 'tim' is unexpected",
+            ),
             (
                 r#"{"execute":"guest-shutdown","arguments":{"mode":"sleep"}}"#,
                 false,
@@ -675,7 +682,12 @@ mod tests {
                 CommandNotFound,
                 "Command guest-shutdown has been disabled: the agent is in frozen state",
             ),
-            (r#"{"execute":"guest-suspend-ram","arguments":{"x":1}}"#, false, GenericError, "Parameter 'x' is unexpected"),
+            (
+                r#"{"execute":"guest-suspend-ram","arguments":{"x":1}}"#,
+                false,
+                GenericError,
+                "Parameter 'x' is unexpected",
+            ),
             (
                 r#"{"execute":"vssd-freeze","arguments":{"deadline":0}}"#,
                 false,
@@ -774,8 +786,18 @@ mod tests {
             ]);
         }
         names.extend(["".into(), "guest-".into(), "vssd-".into(), "é".into(), "x".repeat(10_000), "\u{FFFD}".into()]);
-        let keys =
-            ["id", "mountpoints", "deadline", "cannot-freeze", "bind-to-channel", "app-failure", "time", "mode", "", "x"];
+        let keys = [
+            "id",
+            "mountpoints",
+            "deadline",
+            "cannot-freeze",
+            "bind-to-channel",
+            "app-failure",
+            "time",
+            "mode",
+            "",
+            "x",
+        ];
         let mut count = 0;
         for name in &names {
             let mut argsets = vec![None, Some(json!([])), Some(json!("a")), Some(json!(null)), Some(json!({}))];

@@ -18,6 +18,7 @@ use qga_wire::{AppFailure, CannotFreeze, Command, CommandName, Incoming, QgaErro
 use serde_json::{json, Value};
 
 use crate::config::AppFailurePolicy;
+use crate::guest::{self, power::SuspendMode, Host};
 use crate::plan::CannotFreezePolicy;
 use crate::service::{Agent, AgentError, FreezeRequest};
 
@@ -35,12 +36,27 @@ pub struct Session {
     agent: Arc<Agent>,
     channel: u64,
     splitter: Splitter,
+    /// Where the platform commands (guest-get-osinfo, ...) look.
+    host: Arc<Host>,
+}
+
+/// Runs a platform command on a blocking thread: it reads files and may wait for a
+/// program, and must never hold up the runtime that serves the other channels (and their
+/// thaws).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, QgaError> + Send + 'static) -> Result<T, QgaError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| QgaError::generic(format!("internal error: {e}")))?
+}
+
+/// A reply value from one of the guest module's typed replies.
+fn value<T: serde::Serialize>(v: T) -> Value {
+    serde_json::to_value(v).expect("a platform reply serialises")
 }
 
 impl Session {
     pub fn new(agent: Arc<Agent>, channel: u64) -> Self {
         let max = agent.config().max_message_bytes;
-        Session { agent, channel, splitter: Splitter::new(max) }
+        let host = Arc::new(Host::system(&agent.config().sysfs));
+        Session { agent, channel, splitter: Splitter::new(max), host }
     }
 
     /// Feeds received bytes; returns the replies to send, in order.
@@ -49,7 +65,11 @@ impl Session {
         let mut out = Vec::new();
         for ev in self.splitter.feed(data) {
             out.push(match ev {
-                Event::Message(m) => self.handle(&m).await,
+                Event::Message(m) => match self.handle(&m).await {
+                    Some(r) => r,
+                    // A success of guest-shutdown or guest-suspend-*: no reply, as qemu-ga.
+                    None => continue,
+                },
                 other => match other.error(max) {
                     Some(e) => encode_error(&e, None),
                     None => continue,
@@ -59,15 +79,20 @@ impl Session {
         out
     }
 
-    async fn handle(&mut self, msg: &[u8]) -> Reply {
+    /// The reply to one message; `None` for a success that gets none.
+    async fn handle(&mut self, msg: &[u8]) -> Option<Reply> {
         let Incoming { id, request } = Incoming::parse(msg);
         let result = match request.and_then(|r| r.command(self.agent.is_frozen())) {
-            Ok(cmd) => self.run(cmd).await,
+            Ok(cmd) => {
+                let replies = cmd.name().success_response();
+                self.run(cmd).await.map(|r| replies.then_some(r))
+            }
             Err(e) => Err(e),
         };
         match result {
-            Ok((value, delimited)) => encode_return(value, id, delimited),
-            Err(e) => encode_error(&e, id),
+            Ok(Some((value, delimited))) => Some(encode_return(value, id, delimited)),
+            Ok(None) => None,
+            Err(e) => Some(encode_error(&e, id)),
         }
     }
 
@@ -78,6 +103,46 @@ impl Session {
             Command::Sync { id } => json!(id),
             Command::Ping => json!({}),
             Command::Info => self.info(),
+            Command::GetTime => json!(guest::time::get_time()),
+            Command::SetTime { time } => {
+                let host = self.host.clone();
+                blocking(move || guest::time::set_time(&host, time)).await?;
+                json!({})
+            }
+            Command::GetTimezone => value(blocking(guest::time::timezone).await?),
+            Command::GetOsinfo => {
+                let host = self.host.clone();
+                value(blocking(move || guest::os::osinfo(&host)).await?)
+            }
+            Command::GetHostName => value(guest::os::host_name()?),
+            Command::GetUsers => {
+                let host = self.host.clone();
+                value(blocking(move || guest::users::users(&host)).await?)
+            }
+            Command::GetVcpus => {
+                let host = self.host.clone();
+                value(blocking(move || guest::cpu::vcpus(&host.sysfs)).await?)
+            }
+            Command::GetMemoryBlocks => {
+                let host = self.host.clone();
+                value(blocking(move || guest::memory::blocks(&host.sysfs)).await?)
+            }
+            Command::GetMemoryBlockInfo => {
+                let host = self.host.clone();
+                value(blocking(move || guest::memory::block_info(&host.sysfs)).await?)
+            }
+            Command::NetworkGetInterfaces => {
+                let host = self.host.clone();
+                value(blocking(move || guest::net::interfaces(&host)).await?)
+            }
+            Command::Shutdown { mode } => {
+                let host = self.host.clone();
+                blocking(move || guest::power::shutdown(&host, mode)).await?;
+                json!({})
+            }
+            Command::SuspendDisk => self.suspend(SuspendMode::Disk).await?,
+            Command::SuspendRam => self.suspend(SuspendMode::Ram).await?,
+            Command::SuspendHybrid => self.suspend(SuspendMode::Hybrid).await?,
             Command::FsfreezeStatus => json!(self.agent.status()),
             Command::FsfreezeFreeze => {
                 let req = FreezeRequest { owner: Some(self.channel), ..Default::default() };
@@ -122,12 +187,29 @@ impl Session {
         Ok((value, false))
     }
 
+    /// The same session, with the platform commands looking at `host` (a test's files).
+    #[cfg(test)]
+    fn with_host(mut self, host: Host) -> Self {
+        self.host = Arc::new(host);
+        self
+    }
+
+    async fn suspend(&self, mode: SuspendMode) -> Result<Value, QgaError> {
+        let host = self.host.clone();
+        blocking(move || guest::power::suspend(&host, mode)).await?;
+        Ok(json!({}))
+    }
+
     fn info(&self) -> Value {
         let frozen = self.agent.is_frozen();
         let cmds: Vec<Value> = CommandName::ALL
             .iter()
             .map(|c| {
-                json!({"name": c.as_str(), "enabled": c.allowed_while_frozen() || !frozen, "success-response": true})
+                json!({
+                    "name": c.as_str(),
+                    "enabled": c.allowed_while_frozen() || !frozen,
+                    "success-response": c.success_response(),
+                })
             })
             .collect();
         json!({ "version": env!("CARGO_PKG_VERSION"), "supported_commands": cmds })
@@ -230,6 +312,85 @@ mod tests {
         assert_eq!(enabled("guest-fsfreeze-thaw"), json!(true));
         assert_eq!(one(&mut s, b"{\"execute\":\"guest-fsfreeze-thaw\"}").await, json!({"return": 2}));
         assert_eq!(one(&mut s, b"{\"execute\":\"guest-fsfreeze-thaw\"}").await, json!({"return": 0}));
+    }
+
+    #[tokio::test]
+    async fn guest_info_lists_the_platform_commands_and_which_reply_on_success() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = session(d.path());
+        let info = one(&mut s, b"{\"execute\":\"guest-info\"}").await;
+        let cmds = info["return"]["supported_commands"].as_array().unwrap();
+        let get = |n: &str| cmds.iter().find(|c| c["name"] == n).unwrap_or_else(|| panic!("{n} missing")).clone();
+        for n in ["guest-shutdown", "guest-suspend-disk", "guest-suspend-ram", "guest-suspend-hybrid"] {
+            assert_eq!(get(n), json!({"name": n, "enabled": true, "success-response": false}));
+        }
+        for n in ["guest-get-time", "guest-set-time", "guest-get-osinfo", "guest-network-get-interfaces", "guest-info"]
+        {
+            assert_eq!(get(n)["success-response"], json!(true), "{n}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_that_works_gets_no_reply_and_one_that_fails_gets_an_error() {
+        use crate::guest::testing::{host, script};
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("log");
+        script(d.path(), "root/sbin/shutdown", &format!("echo \"$@\" >> {}", log.display()));
+        let mut s = session(d.path()).with_host(host(d.path()));
+        let r = s.feed(b"{\"execute\":\"guest-shutdown\",\"arguments\":{\"mode\":\"reboot\"},\"id\":1}").await;
+        assert!(r.is_empty(), "{:?}", r.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>());
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "-h -r +0 hypervisor initiated shutdown\n");
+        // The next request is answered as usual, and only it.
+        let r = s.feed(b"{\"execute\":\"guest-shutdown\"}{\"execute\":\"guest-ping\"}").await;
+        assert_eq!(r.len(), 1);
+        script(d.path(), "root/sbin/shutdown", "exit 1");
+        let v = one(&mut s, b"{\"execute\":\"guest-shutdown\",\"id\":\"s\"}").await;
+        assert_eq!(
+            v,
+            json!({"id": "s", "error": {"class": "GenericError", "desc": "child process has failed to shutdown"}})
+        );
+        let v = one(&mut s, b"{\"execute\":\"guest-shutdown\",\"arguments\":{\"mode\":\"off\"}}").await;
+        assert_eq!(v["error"]["desc"], "mode is invalid (valid values are: halt|powerdown|reboot");
+        // Unsupported suspend: an error reply (this host has no helpers and no power/state).
+        let v = one(&mut s, b"{\"execute\":\"guest-suspend-ram\"}").await;
+        assert_eq!(v["error"]["desc"], "the requested suspend mode is not supported by the guest");
+    }
+
+    #[tokio::test]
+    async fn while_frozen_shutdown_and_the_platform_commands_are_refused_and_nothing_runs() {
+        use crate::guest::testing::{host, script};
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("log");
+        script(d.path(), "root/sbin/shutdown", &format!("echo ran >> {}", log.display()));
+        let mut s = session(d.path()).with_host(host(d.path()));
+        assert_eq!(one(&mut s, b"{\"execute\":\"guest-fsfreeze-freeze\"}").await, json!({"return": 2}));
+        for n in ["guest-shutdown", "guest-suspend-disk", "guest-set-time", "guest-get-osinfo", "guest-get-users"] {
+            let v = one(&mut s, format!("{{\"execute\":\"{n}\"}}").as_bytes()).await;
+            assert_eq!(v["error"]["class"], "CommandNotFound", "{v}");
+            assert_eq!(v["error"]["desc"], format!("Command {n} has been disabled: the agent is in frozen state"));
+        }
+        assert!(!log.exists(), "shutdown ran while frozen");
+        assert_eq!(one(&mut s, b"{\"execute\":\"guest-fsfreeze-thaw\"}").await, json!({"return": 2}));
+    }
+
+    #[tokio::test]
+    async fn the_read_only_platform_commands_answer_with_qemu_gas_shapes() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = session(d.path()).with_host(Host::system(std::path::Path::new("/sys")));
+        let t = one(&mut s, b"{\"execute\":\"guest-get-time\"}").await;
+        assert!(t["return"].as_i64().unwrap() > 1_600_000_000_000_000_000, "{t}");
+        let tz = one(&mut s, b"{\"execute\":\"guest-get-timezone\"}").await;
+        assert!(tz["return"]["offset"].is_i64() && tz["return"]["zone"].is_string(), "{tz}");
+        let h = one(&mut s, b"{\"execute\":\"guest-get-host-name\"}").await;
+        assert!(h["return"]["host-name"].is_string(), "{h}");
+        let v = one(&mut s, b"{\"execute\":\"guest-get-vcpus\"}").await;
+        assert!(v["return"][0]["logical-id"].is_i64(), "{v}");
+        let n = one(&mut s, b"{\"execute\":\"guest-network-get-interfaces\"}").await;
+        assert!(n["return"].as_array().unwrap().iter().any(|i| i["name"] == "lo"), "{n}");
+        let o = one(&mut s, b"{\"execute\":\"guest-get-osinfo\"}").await;
+        assert!(o["return"]["kernel-release"].is_string(), "{o}");
+        let u = one(&mut s, b"{\"execute\":\"guest-get-users\"}").await;
+        assert!(u["return"].is_array(), "{u}");
     }
 
     #[tokio::test]
