@@ -1,0 +1,359 @@
+//! vssd's platform commands (guest-get-osinfo, -users, -vcpus, -network-get-interfaces, ...)
+//! against the host's real qemu-ga 7.2 on the same machine: the same keys and JSON types,
+//! and the same values wherever two agents on one machine must agree.
+//!
+//! Each agent runs in a mount and UTS namespace of its own that the test sets up the same
+//! way: a host name, a utmp with logins (a tmpfs on /run), a tricky os-release and a
+//! non-UTC /etc/localtime, so that the comparison covers more than this machine's defaults.
+//! qemu-ga gets every command that changes anything blocked (`--block-rpcs`, the list of
+//! docs/qga-wire.md), and nothing here asks either agent to freeze, set or shut down
+//! anything.
+
+use std::fs;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tests::*;
+
+/// Everything qemu-ga could change the machine with, blocked.
+const QEMU_GA_BLOCKED: &str = "guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fsfreeze-thaw,guest-shutdown,\
+guest-suspend-disk,guest-suspend-ram,guest-suspend-hybrid,guest-fstrim,guest-set-time,guest-set-vcpus,\
+guest-set-memory-blocks,guest-set-user-password,guest-ssh-add-authorized-keys,guest-ssh-remove-authorized-keys,\
+guest-exec,guest-file-open";
+
+const HOST_NAME: &str = "vssd-platform-cmp";
+
+/// The namespace both agents run in: its own host name, utmp and os-release, and
+/// Asia/Kolkata (+05:30, no daylight saving time) as /etc/localtime.
+const SETUP: &str = r#"set -e
+fix="$1"; shift
+echo "$HOSTNAME_FOR_TEST" > /proc/sys/kernel/hostname
+mount -t tmpfs tmpfs /run
+cp "$fix/utmp" /run/utmp
+mount --bind "$fix/os-release" /etc/os-release
+mount --bind /usr/share/zoneinfo/Asia/Kolkata /etc/localtime
+exec "$@"
+"#;
+
+/// glibc's utmp record on this machine (x86_64's layout; other layouts are checked by
+/// the unit tests of agent/src/guest/users.rs).
+fn utmp_record(ut_type: i16, user: &str, sec: i32, usec: i32) -> Vec<u8> {
+    assert_eq!(std::env::consts::ARCH, "x86_64", "this fixture writes x86_64's utmp layout");
+    let mut r = vec![0u8; 384];
+    r[0..2].copy_from_slice(&ut_type.to_ne_bytes());
+    r[8..8 + 5].copy_from_slice(b"pts/0");
+    r[44..44 + user.len()].copy_from_slice(user.as_bytes());
+    r[340..344].copy_from_slice(&sec.to_ne_bytes());
+    r[344..348].copy_from_slice(&usec.to_ne_bytes());
+    r
+}
+
+fn fixtures(dir: &Path) {
+    fs::create_dir_all(dir).unwrap();
+    let mut utmp = Vec::new();
+    utmp.extend(utmp_record(2, "reboot", 1_700_000_000, 0)); // BOOT_TIME
+    utmp.extend(utmp_record(7, "alice", 1_700_000_100, 500_000)); // USER_PROCESS
+    utmp.extend(utmp_record(6, "LOGIN", 1_700_000_000, 0)); // LOGIN_PROCESS
+    utmp.extend(utmp_record(7, "bob", 1_700_000_200, 0));
+    utmp.extend(utmp_record(7, "alice", 1_700_000_050, 250_000)); // earlier: this one counts
+    utmp.extend(utmp_record(8, "carol", 1_700_000_000, 0)); // DEAD_PROCESS
+    fs::write(dir.join("utmp"), utmp).unwrap();
+    // qemu-ga's unquoting, quirks included: single quotes are not quotes, an unquoted value
+    // ends at a space or semicolon, escapes in double quotes.
+    fs::write(
+        dir.join("os-release"),
+        "# a comment\n\
+         PRETTY_NAME=\"Test \\\"Linux\\\" 1.0 \\$X\"\n\
+         NAME='Test Linux'\n\
+         VERSION_ID=1.0;beta\n\
+         VERSION=\"1.0 (Test)\"\n\
+         ID=testlinux\n\
+           VARIANT = \"Server Edition\"\n\
+         VARIANT_ID=server x\n",
+    )
+    .unwrap();
+}
+
+/// One agent in its namespace, killed in Drop.
+struct Agent {
+    name: &'static str,
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(name: &'static str, dir: &Path, fix: &Path, program: &Path, args: &[String]) -> Agent {
+        let socket = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let logf = fs::File::create(&log).unwrap();
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--uts", "--propagation", "private", "sh", "-c", SETUP, "sh"])
+            .arg(fix)
+            .arg(program)
+            .args(args.iter().map(|a| a.replace("{socket}", &socket.display().to_string())))
+            .env("HOSTNAME_FOR_TEST", HOST_NAME)
+            .env_remove("TZ")
+            .env_remove("QGA_OS_RELEASE")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&socket).is_err() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("{name} exited ({st}) before listening:\n{}", fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "{name} did not listen within 30 s");
+            thread::sleep(Duration::from_millis(25));
+        }
+        // qemu-ga serves one client at a time: let it see the probe connection go.
+        thread::sleep(Duration::from_millis(200));
+        Agent { name, child, socket, log }
+    }
+
+    fn client(&self) -> QgaClient {
+        QgaClient::connect(&self.socket).unwrap_or_else(|e| panic!("connect to {}: {}", self.name, chain(&e)))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("--- {} log:\n{}", self.name, fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+/// A value's JSON type, numbers being one type (QEMU prints an integral double as an
+/// integer; a client reads numbers).
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// What may differ between the two agents' replies at a path: `Type` (same JSON type, any
+/// value) or `Exact` (same value too).
+#[derive(Clone, Copy, PartialEq)]
+enum Agree {
+    Type,
+    Exact,
+}
+
+/// The differences between `q` (qemu-ga) and `v` (vssd) at `path`: keys, types, and values
+/// where `agree(path)` says they must be equal.
+fn diff(path: &str, q: &Value, v: &Value, agree: &dyn Fn(&str) -> Agree, out: &mut Vec<String>) {
+    if json_type(q) != json_type(v) {
+        out.push(format!("{path}: qemu-ga has a {} ({q}), vssd a {} ({v})", json_type(q), json_type(v)));
+        return;
+    }
+    match (q, v) {
+        (Value::Object(a), Value::Object(b)) => {
+            for k in a.keys().filter(|k| !b.contains_key(*k)) {
+                out.push(format!("{path}.{k}: only qemu-ga has it ({})", a[k]));
+            }
+            for k in b.keys().filter(|k| !a.contains_key(*k)) {
+                out.push(format!("{path}.{k}: only vssd has it ({})", b[k]));
+            }
+            for (k, av) in a {
+                if let Some(bv) = b.get(k) {
+                    diff(&format!("{path}.{k}"), av, bv, agree, out);
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            if a.len() != b.len() {
+                out.push(format!(
+                    "{path}: qemu-ga has {} elements, vssd {}\n  qemu-ga: {q}\n  vssd:    {v}",
+                    a.len(),
+                    b.len()
+                ));
+                return;
+            }
+            for (i, (av, bv)) in a.iter().zip(b).enumerate() {
+                diff(&format!("{path}[{i}]"), av, bv, agree, out);
+            }
+        }
+        _ => {
+            let equal = match (q.as_f64(), v.as_f64()) {
+                (Some(x), Some(y)) => x == y,
+                _ => q == v,
+            };
+            if agree(path) == Agree::Exact && !equal {
+                out.push(format!("{path}: qemu-ga {q}, vssd {v}"));
+            }
+        }
+    }
+}
+
+/// The read-only platform commands, and what of their replies must be equal. Everything
+/// else must have the same keys and types.
+fn agree(cmd: &str, path: &str) -> Agree {
+    match cmd {
+        // The clock moves between the two calls.
+        "guest-get-time" => Agree::Type,
+        // Counters move; names, MACs, addresses and prefixes must agree.
+        "guest-network-get-interfaces" if path.contains(".statistics.") => Agree::Type,
+        _ => Agree::Exact,
+    }
+}
+
+const COMMANDS: &[&str] = &[
+    "guest-get-time",
+    "guest-get-timezone",
+    "guest-get-osinfo",
+    "guest-get-host-name",
+    "guest-get-users",
+    "guest-get-vcpus",
+    "guest-get-memory-blocks",
+    "guest-get-memory-block-info",
+    "guest-network-get-interfaces",
+];
+
+/// Requests whose error replies must be the same (class and text).
+fn bad_requests() -> Vec<(&'static str, Value)> {
+    vec![
+        ("guest-get-time", json!({"x": 1})),
+        ("guest-get-osinfo", json!({"all": true})),
+        ("guest-network-get-interfaces", json!({"name": "lo"})),
+        ("guest-get-users", json!({"": null})),
+    ]
+}
+
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn vssd_answers_the_platform_commands_like_qemu_ga() {
+    require_root!();
+    let qga = Path::new("/usr/sbin/qemu-ga");
+    assert!(qga.is_file(), "qemu-ga is missing: run tests/setup.sh (it installs qemu-guest-agent, never as a service)");
+    assert!(
+        Path::new("/usr/share/zoneinfo/Asia/Kolkata").is_file(),
+        "tzdata is missing (/usr/share/zoneinfo/Asia/Kolkata): apt-get install tzdata"
+    );
+    let dir = tempfile::Builder::new().prefix("vssd-test-qga_platform-").tempdir_in("/tmp").unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    let fix = dir.join("fixtures");
+    fixtures(&fix);
+    for d in ["qemu-ga-state", "vssd-state", "vssd-scope", "vssd-hooks"] {
+        fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let p = |s: &str| dir.join(s).display().to_string();
+
+    let replies = |agent: &Agent| -> (Vec<Value>, Vec<Value>, Value) {
+        let mut c = agent.client();
+        let ok: Vec<Value> = COMMANDS.iter().map(|cmd| c.call(cmd, None)).collect();
+        let bad: Vec<Value> = bad_requests().into_iter().map(|(cmd, a)| c.call(cmd, Some(a))).collect();
+        let info = c.call("guest-info", None);
+        (ok, bad, info)
+    };
+    let from_qga = {
+        let a = Agent::start(
+            "qemu-ga",
+            &dir,
+            &fix,
+            qga,
+            &[
+                "-m",
+                "unix-listen",
+                "-p",
+                "{socket}",
+                "-t",
+                &p("qemu-ga-state"),
+                &format!("--block-rpcs={QEMU_GA_BLOCKED}"),
+            ]
+            .map(String::from),
+        );
+        replies(&a)
+    };
+    let from_vssd = {
+        let a = Agent::start(
+            "vssd",
+            &dir,
+            &fix,
+            &bin("vssd"),
+            &[
+                "--channel",
+                "unix:{socket}",
+                "--scope",
+                &p("vssd-scope"),
+                "--state-dir",
+                &p("vssd-state"),
+                "--hooks-dir",
+                &p("vssd-hooks"),
+                "--freeze-deadline",
+                "10",
+            ]
+            .map(String::from),
+        );
+        replies(&a)
+    };
+
+    let mut diffs = Vec::new();
+    for (i, cmd) in COMMANDS.iter().enumerate() {
+        let (q, v) = (&from_qga.0[i], &from_vssd.0[i]);
+        let short = |x: &Value| x.to_string().chars().take(700).collect::<String>();
+        eprintln!("{cmd}:\n  qemu-ga: {}\n  vssd:    {}", short(q), short(v));
+        assert!(q.get("return").is_some(), "{cmd}: qemu-ga answered {q}");
+        diff(cmd, q, v, &|path| agree(cmd, path), &mut diffs);
+    }
+    for (i, (cmd, args)) in bad_requests().iter().enumerate() {
+        let (q, v) = (&from_qga.1[i], &from_vssd.1[i]);
+        if q != v {
+            diffs.push(format!("{cmd} {args}:\n  qemu-ga: {q}\n  vssd:    {v}"));
+        }
+    }
+    // guest-info: each platform command is listed, enabled, with qemu-ga's success-response.
+    let listed = |info: &Value, name: &str| -> Option<Value> {
+        info["return"]["supported_commands"].as_array()?.iter().find(|c| c["name"] == name).cloned()
+    };
+    for name in COMMANDS.iter().copied().chain([
+        "guest-set-time",
+        "guest-shutdown",
+        "guest-suspend-disk",
+        "guest-suspend-ram",
+        "guest-suspend-hybrid",
+    ]) {
+        let (q, v) = (listed(&from_qga.2, name), listed(&from_vssd.2, name));
+        let (Some(q), Some(v)) = (q, v) else {
+            diffs.push(format!(
+                "guest-info {name}: qemu-ga lists {:?}, vssd {:?}",
+                listed(&from_qga.2, name),
+                listed(&from_vssd.2, name)
+            ));
+            continue;
+        };
+        if q["success-response"] != v["success-response"] {
+            diffs.push(format!("guest-info {name}: qemu-ga {q}, vssd {v}"));
+        }
+        // qemu-ga reports its blocked commands as disabled; vssd runs them all.
+        assert_eq!(v["enabled"], json!(true), "{v}");
+    }
+    assert!(diffs.is_empty(), "vssd differs from qemu-ga:\n{}", diffs.join("\n"));
+
+    // And the fixtures were seen, so the agreement is about them, not about defaults.
+    let ret = |i: usize| from_vssd.0[i]["return"].clone();
+    assert_eq!(ret(3), json!({"host-name": HOST_NAME}));
+    assert_eq!(ret(1), json!({"zone": "IST", "offset": 19800}));
+    assert_eq!(
+        ret(4),
+        json!([{"user": "alice", "login-time": 1_700_000_050.25}, {"user": "bob", "login-time": 1_700_000_200}])
+    );
+    assert_eq!(ret(2)["name"], "'Test");
+    assert_eq!(ret(2)["pretty-name"], "Test \"Linux\" 1.0 $X");
+    assert!(ret(8)
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["name"] == "lo" && i["hardware-address"] == "00:00:00:00:00:00"));
+}
