@@ -7,8 +7,9 @@
 //! arguments, with the wording of QEMU's generated marshallers.
 //!
 //! Every command is declared once, in the `commands!` list below: its variant and argument
-//! types, its wire name, whether it may run while frozen, and how its arguments are read.
-//! `guest-info`'s list and the frozen-time set come from that list, and a name that is not
+//! types, its wire name, whether it may run while frozen, whether a success is answered, and
+//! how its arguments are read. `guest-info`'s list (with `success-response`) and the
+//! frozen-time set come from that list, and a name that is not
 //! in it is an error reply, never a panic. A new command is one entry there.
 
 use std::path::PathBuf;
