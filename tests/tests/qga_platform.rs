@@ -26,15 +26,16 @@ guest-exec,guest-file-open";
 
 const HOST_NAME: &str = "vssd-platform-cmp";
 
-/// The namespace both agents run in: its own host name, utmp and os-release, and
-/// Asia/Kolkata (+05:30, no daylight saving time) as /etc/localtime.
+/// The namespace both agents run in: its own host name, utmp and os-release, and (unless
+/// `$TZ` is set) Asia/Kolkata (+05:30, no daylight saving time) as /etc/localtime.
 const SETUP: &str = r#"set -e
 fix="$1"; shift
 echo "$HOSTNAME_FOR_TEST" > /proc/sys/kernel/hostname
 mount -t tmpfs tmpfs /run
 cp "$fix/utmp" /run/utmp
 mount --bind "$fix/os-release" /etc/os-release
-mount --bind /usr/share/zoneinfo/Asia/Kolkata /etc/localtime
+# Mounted over what /etc/localtime points to (Etc/UTC here), so only when asked.
+if [ -n "$LOCALTIME_FOR_TEST" ]; then mount --bind "$LOCALTIME_FOR_TEST" /etc/localtime; fi
 exec "$@"
 "#;
 
@@ -86,7 +87,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(name: &'static str, dir: &Path, fix: &Path, program: &Path, args: &[String]) -> Agent {
+    fn start(name: &'static str, dir: &Path, fix: &Path, program: &Path, args: &[String], tz: Option<&str>) -> Agent {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let logf = fs::File::create(&log).unwrap();
@@ -98,6 +99,10 @@ impl Agent {
             .env("HOSTNAME_FOR_TEST", HOST_NAME)
             .env_remove("TZ")
             .env_remove("QGA_OS_RELEASE")
+            .envs(tz.map(|tz| ("TZ", tz)))
+            // The /etc/localtime fixture, unless the test sets $TZ (whose "UTC" would then
+            // read the fixture: glibc opens zoneinfo/UTC, GLib knows UTC without a file).
+            .env("LOCALTIME_FOR_TEST", if tz.is_some() { "" } else { "/usr/share/zoneinfo/Asia/Kolkata" })
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf);
@@ -231,39 +236,17 @@ fn bad_requests() -> Vec<(&'static str, Value)> {
     ]
 }
 
-#[test]
-#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
-fn vssd_answers_the_platform_commands_like_qemu_ga() {
-    require_root!();
-    let qga = Path::new("/usr/sbin/qemu-ga");
-    assert!(qga.is_file(), "qemu-ga is missing: run tests/setup.sh (it installs qemu-guest-agent, never as a service)");
-    assert!(
-        Path::new("/usr/share/zoneinfo/Asia/Kolkata").is_file(),
-        "tzdata is missing (/usr/share/zoneinfo/Asia/Kolkata): apt-get install tzdata"
-    );
-    let dir = tempfile::Builder::new().prefix("vssd-test-qga_platform-").tempdir_in("/tmp").unwrap();
-    let dir = dir.path().canonicalize().unwrap();
-    let fix = dir.join("fixtures");
-    fixtures(&fix);
+/// The two agents' start arguments, for a sandbox directory.
+fn agents(dir: &Path) -> [(&'static str, PathBuf, Vec<String>); 2] {
+    let p = |s: &str| dir.join(s).display().to_string();
     for d in ["qemu-ga-state", "vssd-state", "vssd-scope", "vssd-hooks"] {
         fs::create_dir_all(dir.join(d)).unwrap();
     }
-    let p = |s: &str| dir.join(s).display().to_string();
-
-    let replies = |agent: &Agent| -> (Vec<Value>, Vec<Value>, Value) {
-        let mut c = agent.client();
-        let ok: Vec<Value> = COMMANDS.iter().map(|cmd| c.call(cmd, None)).collect();
-        let bad: Vec<Value> = bad_requests().into_iter().map(|(cmd, a)| c.call(cmd, Some(a))).collect();
-        let info = c.call("guest-info", None);
-        (ok, bad, info)
-    };
-    let from_qga = {
-        let a = Agent::start(
+    [
+        (
             "qemu-ga",
-            &dir,
-            &fix,
-            qga,
-            &[
+            PathBuf::from("/usr/sbin/qemu-ga"),
+            [
                 "-m",
                 "unix-listen",
                 "-p",
@@ -272,17 +255,13 @@ fn vssd_answers_the_platform_commands_like_qemu_ga() {
                 &p("qemu-ga-state"),
                 &format!("--block-rpcs={QEMU_GA_BLOCKED}"),
             ]
-            .map(String::from),
-        );
-        replies(&a)
-    };
-    let from_vssd = {
-        let a = Agent::start(
+            .map(String::from)
+            .to_vec(),
+        ),
+        (
             "vssd",
-            &dir,
-            &fix,
-            &bin("vssd"),
-            &[
+            bin("vssd"),
+            [
                 "--channel",
                 "unix:{socket}",
                 "--scope",
@@ -294,10 +273,67 @@ fn vssd_answers_the_platform_commands_like_qemu_ga() {
                 "--freeze-deadline",
                 "10",
             ]
-            .map(String::from),
-        );
-        replies(&a)
+            .map(String::from)
+            .to_vec(),
+        ),
+    ]
+}
+
+/// `$TZ` as both agents read it: zone names, a POSIX rule, a fixed offset. GLib and glibc
+/// must agree on each (the zone abbreviation and the offset now).
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn the_time_zone_from_tz_agrees_with_qemu_ga() {
+    require_root!();
+    assert!(Path::new("/usr/sbin/qemu-ga").is_file(), "qemu-ga is missing: run tests/setup.sh");
+    assert!(Path::new("/usr/share/zoneinfo/America/New_York").is_file(), "tzdata is missing: apt-get install tzdata");
+    let dir = tempfile::Builder::new().prefix("vssd-test-qga_tz-").tempdir_in("/tmp").unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    let fix = dir.join("fixtures");
+    fixtures(&fix);
+    let mut diffs = Vec::new();
+    for tz in ["America/New_York", "Europe/Paris", "EST5EDT,M3.2.0,M11.1.0", "<+0330>-3:30", "UTC"] {
+        let got: Vec<Value> = agents(&dir)
+            .iter()
+            .map(|(name, prog, args)| {
+                let a = Agent::start(name, &dir, &fix, prog, args, Some(tz));
+                a.client().call("guest-get-timezone", None)
+            })
+            .collect();
+        eprintln!("TZ={tz}: qemu-ga {}, vssd {}", got[0], got[1]);
+        assert!(got[0].get("return").is_some(), "TZ={tz}: qemu-ga answered {}", got[0]);
+        if got[0] != got[1] {
+            diffs.push(format!("TZ={tz}: qemu-ga {}, vssd {}", got[0], got[1]));
+        }
+    }
+    assert!(diffs.is_empty(), "vssd's time zone differs from qemu-ga's:\n{}", diffs.join("\n"));
+}
+
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn vssd_answers_the_platform_commands_like_qemu_ga() {
+    require_root!();
+    assert!(
+        Path::new("/usr/sbin/qemu-ga").is_file(),
+        "qemu-ga is missing: run tests/setup.sh (it installs qemu-guest-agent, never as a service)"
+    );
+    assert!(
+        Path::new("/usr/share/zoneinfo/Asia/Kolkata").is_file(),
+        "tzdata is missing (/usr/share/zoneinfo/Asia/Kolkata): apt-get install tzdata"
+    );
+    let dir = tempfile::Builder::new().prefix("vssd-test-qga_platform-").tempdir_in("/tmp").unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    let fix = dir.join("fixtures");
+    fixtures(&fix);
+    let replies = |agent: &Agent| -> (Vec<Value>, Vec<Value>, Value) {
+        let mut c = agent.client();
+        let ok: Vec<Value> = COMMANDS.iter().map(|cmd| c.call(cmd, None)).collect();
+        let bad: Vec<Value> = bad_requests().into_iter().map(|(cmd, a)| c.call(cmd, Some(a))).collect();
+        let info = c.call("guest-info", None);
+        (ok, bad, info)
     };
+    let [from_qga, from_vssd] =
+        agents(&dir).map(|(name, prog, args)| replies(&Agent::start(name, &dir, &fix, &prog, &args, None)));
 
     let mut diffs = Vec::new();
     for (i, cmd) in COMMANDS.iter().enumerate() {
