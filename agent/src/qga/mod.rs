@@ -244,7 +244,10 @@ mod tests {
             state_dir: dir.join("state"),
             ..Config::default()
         };
-        Session::new(Agent::new(cfg, Arc::new(NoopKernel)), 1)
+        // Never the machine's own root: a test that sends guest-shutdown or a suspend must
+        // reach a fake (testing::host has no /sbin/shutdown and no helpers until it writes
+        // some), not this machine's, which it would power off.
+        Session::new(Agent::new(cfg, Arc::new(NoopKernel)), 1).with_host(crate::guest::testing::host(dir))
     }
 
     async fn one(s: &mut Session, req: &[u8]) -> Value {
@@ -332,11 +335,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_shutdown_that_works_gets_no_reply_and_one_that_fails_gets_an_error() {
-        use crate::guest::testing::{host, script};
+        use crate::guest::testing::script;
         let d = tempfile::tempdir().unwrap();
         let log = d.path().join("log");
         script(d.path(), "root/sbin/shutdown", &format!("echo \"$@\" >> {}", log.display()));
-        let mut s = session(d.path()).with_host(host(d.path()));
+        let mut s = session(d.path());
         let r = s.feed(b"{\"execute\":\"guest-shutdown\",\"arguments\":{\"mode\":\"reboot\"},\"id\":1}").await;
         assert!(r.is_empty(), "{:?}", r.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>());
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "-h -r +0 hypervisor initiated shutdown\n");
@@ -358,11 +361,11 @@ mod tests {
 
     #[tokio::test]
     async fn while_frozen_shutdown_and_the_platform_commands_are_refused_and_nothing_runs() {
-        use crate::guest::testing::{host, script};
+        use crate::guest::testing::script;
         let d = tempfile::tempdir().unwrap();
         let log = d.path().join("log");
         script(d.path(), "root/sbin/shutdown", &format!("echo ran >> {}", log.display()));
-        let mut s = session(d.path()).with_host(host(d.path()));
+        let mut s = session(d.path());
         assert_eq!(one(&mut s, b"{\"execute\":\"guest-fsfreeze-freeze\"}").await, json!({"return": 2}));
         for n in ["guest-shutdown", "guest-suspend-disk", "guest-set-time", "guest-get-osinfo", "guest-get-users"] {
             let v = one(&mut s, format!("{{\"execute\":\"{n}\"}}").as_bytes()).await;
