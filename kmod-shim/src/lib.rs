@@ -7,7 +7,7 @@
 //! Invariant: this crate opts back into `unsafe` (the workspace denies it; the only other
 //! exception is appvss's C ABI module). Each block carries a `// SAFETY:` comment that says
 //! why it is sound; `clippy::undocumented_unsafe_blocks` (a workspace lint) enforces that.
-//! The blocks: the two ioctls in `freeze`, taking ownership of an accepted descriptor in
+//! The blocks: the two ioctls in `freeze`, FITRIM in `trim`, taking ownership of an accepted descriptor in
 //! `vsock`. Every public function is safe.
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
@@ -16,6 +16,7 @@ pub mod freeze;
 pub mod mountinfo;
 pub mod rcu;
 pub mod topology;
+pub mod trim;
 pub mod virtio;
 pub mod vsock;
 
