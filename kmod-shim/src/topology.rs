@@ -388,7 +388,8 @@ impl Topology {
                 }
                 let pname = part.file_name().to_string_lossy().into_owned();
                 let Some(rest) = pname.strip_prefix(name.as_str()) else { continue };
-                let rest = rest.strip_prefix('p').filter(|r| r.starts_with(|c: char| c.is_ascii_digit())).unwrap_or(rest);
+                let rest =
+                    rest.strip_prefix('p').filter(|r| r.starts_with(|c: char| c.is_ascii_digit())).unwrap_or(rest);
                 if !rest.starts_with(|c: char| c.is_ascii_digit()) {
                     continue;
                 }

@@ -507,7 +507,12 @@ mod tests {
                 GenericError,
                 "Parameter 'x' is unexpected",
             ),
-            (r#"{"execute":"guest-get-fsinfo","arguments":{"x":1}}"#, false, GenericError, "Parameter 'x' is unexpected"),
+            (
+                r#"{"execute":"guest-get-fsinfo","arguments":{"x":1}}"#,
+                false,
+                GenericError,
+                "Parameter 'x' is unexpected",
+            ),
             (
                 r#"{"execute":"guest-fstrim","arguments":{"minimum":"bad"}}"#,
                 true,
@@ -624,7 +629,8 @@ mod tests {
             ]);
         }
         names.extend(["".into(), "guest-".into(), "vssd-".into(), "é".into(), "x".repeat(10_000), "\u{FFFD}".into()]);
-        let keys = ["id", "minimum", "mountpoints", "deadline", "cannot-freeze", "bind-to-channel", "app-failure", "", "x"];
+        let keys =
+            ["id", "minimum", "mountpoints", "deadline", "cannot-freeze", "bind-to-channel", "app-failure", "", "x"];
         let mut count = 0;
         for name in &names {
             let mut argsets = vec![None, Some(json!([])), Some(json!("a")), Some(json!(null)), Some(json!({}))];

@@ -227,9 +227,12 @@ mod tests {
             let vdb = pci.join("virtio2/block/vdb");
             let dm = sys.join("devices/virtual/block/dm-0");
             let lo = sys.join("devices/virtual/block/loop0");
-            for (d, id, name) in
-                [(&vdb, "252:16", "vdb"), (&vdb.join("vdb1"), "252:17", "vdb1"), (&dm, "253:0", "dm-0"), (&lo, "7:0", "loop0")]
-            {
+            for (d, id, name) in [
+                (&vdb, "252:16", "vdb"),
+                (&vdb.join("vdb1"), "252:17", "vdb1"),
+                (&dm, "253:0", "dm-0"),
+                (&lo, "7:0", "loop0"),
+            ] {
                 std::fs::create_dir_all(d).unwrap();
                 std::fs::write(d.join("uevent"), format!("DEVNAME={name}\n")).unwrap();
                 std::fs::write(d.join("dev"), format!("{id}\n")).unwrap();
@@ -293,7 +296,8 @@ mod tests {
             .into_iter()
             .map(|m| (m.dirname.file_name().unwrap().to_string_lossy().into_owned(), m.devtype, m.dev.to_string()))
             .collect();
-        let want = [("data", "ext4", "252:17"), ("vol", "xfs", "253:0"), ("img", "ext4", "7:0"), ("bt", "btrfs", "7:0")];
+        let want =
+            [("data", "ext4", "252:17"), ("vol", "xfs", "253:0"), ("img", "ext4", "7:0"), ("bt", "btrfs", "7:0")];
         assert_eq!(got, want.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())));
     }
 
@@ -361,7 +365,11 @@ mod tests {
     #[test]
     fn fstrim_gives_every_mount_a_result_and_failures_stay_per_path() {
         let m = Machine::new();
-        std::fs::write(m.mountinfo(), "30 1 252:17 / /nonexistent/data rw - ext4 /dev/vdb1 rw\n32 1 7:0 / /proc rw - proc x rw\n").unwrap();
+        std::fs::write(
+            m.mountinfo(),
+            "30 1 252:17 / /nonexistent/data rw - ext4 /dev/vdb1 rw\n32 1 7:0 / /proc rw - proc x rw\n",
+        )
+        .unwrap();
         let v = fstrim(&m.paths(), Some(4096)).unwrap();
         let paths = v["paths"].as_array().unwrap();
         assert_eq!(paths.len(), 2);
@@ -369,7 +377,10 @@ mod tests {
         // /proc cannot be trimmed: ENOTTY as root, EPERM otherwise.
         let e = paths[0]["error"].as_str().unwrap();
         assert!(e == "trim not supported" || e == "failed to trim: Operation not permitted", "{e}");
-        assert_eq!(paths[1], json!({"path": "/nonexistent/data", "error": "failed to open: No such file or directory"}));
+        assert_eq!(
+            paths[1],
+            json!({"path": "/nonexistent/data", "error": "failed to open: No such file or directory"})
+        );
     }
 
     struct NoopKernel;
