@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use kmod_shim::mountinfo::Mount;
-use kmod_shim::topology::{BlockDisk, DiskAddress, Topology};
+use kmod_shim::topology::{BlockDisk, BusType, DiskAddress, Topology};
 use kmod_shim::trim::TrimError;
 use kmod_shim::DevId;
 use qga_wire::QgaError;
@@ -149,6 +149,34 @@ pub fn get_fsinfo(p: &Paths) -> Result<Value, QgaError> {
     Ok(Value::Array(out))
 }
 
+/// A `GuestDiskSmart` of type nvme.
+fn smart_json(s: &kmod_shim::nvme::SmartLog) -> Value {
+    let mut v = json!({
+        "type": "nvme",
+        "critical-warning": s.critical_warning,
+        "temperature": s.temperature,
+        "available-spare": s.available_spare,
+        "available-spare-threshold": s.available_spare_threshold,
+        "percentage-used": s.percentage_used,
+    });
+    for (key, [lo, hi]) in [
+        ("data-units-read", s.data_units_read),
+        ("data-units-written", s.data_units_written),
+        ("host-read-commands", s.host_read_commands),
+        ("host-write-commands", s.host_write_commands),
+        ("controller-busy-time", s.controller_busy_time),
+        ("power-cycles", s.power_cycles),
+        ("power-on-hours", s.power_on_hours),
+        ("unsafe-shutdowns", s.unsafe_shutdowns),
+        ("media-errors", s.media_errors),
+        ("number-of-error-log-entries", s.number_of_error_log_entries),
+    ] {
+        v[format!("{key}-lo")] = json!(lo);
+        v[format!("{key}-hi")] = json!(hi);
+    }
+    v
+}
+
 fn block_disk_json(d: &BlockDisk) -> Value {
     let mut v = json!({"name": d.name, "partition": d.partition});
     if let Some(deps) = &d.dependencies {
@@ -160,10 +188,17 @@ fn block_disk_json(d: &BlockDisk) -> Value {
     if let Some(a) = &d.alias {
         v["alias"] = json!(a);
     }
+    // NVMe disks: the SMART / health log, when the device answers (qemu-ga: `smart`).
+    if d.address.as_ref().is_some_and(|a| a.bus_type == BusType::Nvme) {
+        if let Ok(s) = kmod_shim::nvme::smart_log(Path::new(&d.name)) {
+            v["smart"] = smart_json(&s);
+        }
+    }
     v
 }
 
-/// `guest-get-disks`: every block device with a size and its partitions.
+/// `guest-get-disks`: every block device with a size and its partitions (and an NVMe disk's
+/// SMART log).
 pub fn get_disks(p: &Paths) -> Result<Value, QgaError> {
     let disks = p.topology().block_disks().map_err(|e| QgaError::generic(e.to_string()))?;
     Ok(Value::Array(disks.iter().map(block_disk_json).collect()))
@@ -360,6 +395,18 @@ mod tests {
         assert_eq!(vdb["address"]["dev"], "/dev/vdb");
         assert_eq!(vdb["dependencies"], json!([]));
         assert_eq!(v.as_array().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn nvme_smart_has_qemu_gas_keys_and_types() {
+        let s = kmod_shim::nvme::SmartLog { temperature: 323, data_units_read: [1, 2], ..Default::default() };
+        let v = smart_json(&s);
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 26, "{v}");
+        assert_eq!(v["type"], "nvme");
+        assert_eq!(v["temperature"], 323);
+        assert_eq!((v["data-units-read-lo"].as_u64(), v["data-units-read-hi"].as_u64()), (Some(1), Some(2)));
+        assert!(o.values().all(|x| x.is_string() || x.is_u64()), "{v}");
     }
 
     #[test]
