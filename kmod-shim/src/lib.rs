@@ -7,9 +7,8 @@
 //! Invariant: this crate opts back into `unsafe` (the workspace denies it; the only other
 //! exception is appvss's C ABI module). Each block carries a `// SAFETY:` comment that says
 //! why it is sound; `clippy::undocumented_unsafe_blocks` (a workspace lint) enforces that.
-//! The blocks: the two ioctls in `freeze`, FITRIM in `trim`, the
-//! NVMe admin command in `nvme`, taking ownership of an accepted descriptor in
-//! `vsock`. Every public function is safe.
+//! The blocks: the two ioctls in `freeze`, FITRIM in `trim`, the NVMe admin command in
+//! `nvme`, taking ownership of an accepted descriptor in `vsock`. Every public function is safe.
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 

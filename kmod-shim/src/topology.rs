@@ -5,6 +5,10 @@
 //! writeback and deadlock the freeze of the upper one, so the planner needs to know these
 //! edges. Device-mapper and md devices list their lower devices in `slaves/`; a partition
 //! belongs to the disk whose sysfs directory contains it.
+//!
+//! The same tree also says which host disk a filesystem is on, for `guest-get-fsinfo` and
+//! `guest-get-disks`: [`Topology::fs_disks`] and [`Topology::block_disks`] walk it as qemu-ga
+//! 7.2 does (see the section "Disk addresses" below).
 
 use std::path::{Path, PathBuf};
 
