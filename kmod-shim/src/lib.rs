@@ -7,9 +7,10 @@
 //! Invariant: this crate opts back into `unsafe` (the workspace denies it; the only other
 //! exception is appvss's C ABI module). Each block carries a `// SAFETY:` comment that says
 //! why it is sound; `clippy::undocumented_unsafe_blocks` (a workspace lint) enforces that.
-//! The blocks: the two ioctls in `freeze`, taking ownership of an accepted descriptor in
-//! `vsock`, `localtime_r` / `clock_settime` in `clock`, `uname` in `uts`, `getifaddrs` and
-//! `SIOCGIFHWADDR` in `net`, `setsid` before exec in `process`. Every public function is safe.
+//! The blocks: the two ioctls in `freeze`, FITRIM in `trim`, the NVMe admin command in
+//! `nvme`, taking ownership of an accepted descriptor in `vsock`, `localtime_r` /
+//! `clock_settime` in `clock`, `uname` in `uts`, `getifaddrs` and `SIOCGIFHWADDR` in `net`,
+//! `setsid` before exec in `process`. Every public function is safe.
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -17,9 +18,11 @@ pub mod clock;
 pub mod freeze;
 pub mod mountinfo;
 pub mod net;
+pub mod nvme;
 pub mod process;
 pub mod rcu;
 pub mod topology;
+pub mod trim;
 pub mod uts;
 pub mod virtio;
 pub mod vsock;

@@ -149,6 +149,13 @@ commands! {
         parse: |a| Command::FsfreezeFreezeList { mountpoints: a.paths("mountpoints")? };
     /// Thaws; answers how many filesystems.
     FsfreezeThaw = "guest-fsfreeze-thaw", while_frozen: true;
+    /// Every mounted filesystem qemu-ga lists, with its disks and usage.
+    GetFsinfo = "guest-get-fsinfo", while_frozen: false;
+    /// Every block device with a size, its partitions, dependencies, address and alias.
+    GetDisks = "guest-get-disks", while_frozen: false;
+    /// FITRIM on every mounted filesystem, skipping free extents under `minimum` bytes.
+    Fstrim { minimum: Option<i64> } = "guest-fstrim", while_frozen: false,
+        parse: |a| Command::Fstrim { minimum: a.optional("minimum", Value::as_i64, "integer")? };
     /// vssd's freeze, with a per-mount report and its own options.
     VssdFreeze {
         mountpoints: Option<Vec<PathBuf>>,
@@ -429,6 +436,12 @@ mod tests {
             ),
             (r#"{"execute":"guest-fsfreeze-freeze-list"}"#, Command::FsfreezeFreezeList { mountpoints: None }),
             (r#"{"execute":"guest-fsfreeze-thaw"}"#, Command::FsfreezeThaw),
+            (r#"{"execute":"guest-get-fsinfo"}"#, Command::GetFsinfo),
+            (r#"{"execute":"guest-get-disks","arguments":{}}"#, Command::GetDisks),
+            (r#"{"execute":"guest-fstrim"}"#, Command::Fstrim { minimum: None }),
+            (r#"{"execute":"guest-fstrim","arguments":{"minimum":null}}"#, Command::Fstrim { minimum: None }),
+            (r#"{"execute":"guest-fstrim","arguments":{"minimum":65536}}"#, Command::Fstrim { minimum: Some(65536) }),
+            (r#"{"execute":"guest-fstrim","arguments":{"minimum":-1}}"#, Command::Fstrim { minimum: Some(-1) }),
             (
                 r#"{"execute":"vssd-freeze","arguments":{"mountpoints":["/a"],"deadline":2.5,
                     "cannot-freeze":"veto","bind-to-channel":false,"app-failure":"fail"}}"#,
@@ -475,7 +488,7 @@ mod tests {
             assert_eq!(CommandName::from_wire(n.as_str()), Some(*n));
             assert!(CommandName::ALL[i + 1..].iter().all(|m| m.as_str() != n.as_str()), "{} twice", n.as_str());
         }
-        assert_eq!(CommandName::ALL.len(), 26);
+        assert_eq!(CommandName::ALL.len(), 29);
     }
 
     /// qemu-ga 7.2's guest-info: `success-response` is false for these four only.
@@ -690,6 +703,48 @@ mod tests {
                 "Parameter 'x' is unexpected",
             ),
             (
+                r#"{"execute":"guest-fstrim","arguments":{"minimum":"1"}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'minimum', expected: integer",
+            ),
+            (
+                r#"{"execute":"guest-fstrim","arguments":{"minimum":1.5}}"#,
+                false,
+                GenericError,
+                "Invalid parameter type for 'minimum', expected: integer",
+            ),
+            (
+                r#"{"execute":"guest-fstrim","arguments":{"minimum":1,"x":2}}"#,
+                false,
+                GenericError,
+                "Parameter 'x' is unexpected",
+            ),
+            (
+                r#"{"execute":"guest-get-fsinfo","arguments":{"x":1}}"#,
+                false,
+                GenericError,
+                "Parameter 'x' is unexpected",
+            ),
+            (
+                r#"{"execute":"guest-fstrim","arguments":{"minimum":"bad"}}"#,
+                true,
+                CommandNotFound,
+                "Command guest-fstrim has been disabled: the agent is in frozen state",
+            ),
+            (
+                r#"{"execute":"guest-get-fsinfo"}"#,
+                true,
+                CommandNotFound,
+                "Command guest-get-fsinfo has been disabled: the agent is in frozen state",
+            ),
+            (
+                r#"{"execute":"guest-get-disks"}"#,
+                true,
+                CommandNotFound,
+                "Command guest-get-disks has been disabled: the agent is in frozen state",
+            ),
+            (
                 r#"{"execute":"vssd-freeze","arguments":{"deadline":0}}"#,
                 false,
                 GenericError,
@@ -796,6 +851,7 @@ mod tests {
             "app-failure",
             "time",
             "mode",
+            "minimum",
             "",
             "x",
         ];

@@ -1,7 +1,8 @@
 //! The guest's own state, read and changed the way qemu-ga 7.2 does it on Linux, for the
 //! platform QGA commands: time and time zone ([`time`]), kernel, distribution and host name
 //! ([`os`]), logged-in users ([`users`]), CPUs ([`cpu`]), memory blocks ([`memory`]),
-//! network interfaces ([`net`]), shutdown and suspend ([`power`]).
+//! network interfaces ([`net`]), shutdown and suspend ([`power`]), and mounted filesystems,
+//! disks and trimming ([`fs`]).
 //!
 //! Invariants: every reply has qemu-ga's keys, JSON types and error wording
 //! (docs/qga-wire.md, "Platform commands"); everything is read from files under the paths of
@@ -11,6 +12,7 @@
 //! thread: they read files and some wait for a program.
 
 pub mod cpu;
+pub mod fs;
 pub mod memory;
 pub mod net;
 pub mod os;

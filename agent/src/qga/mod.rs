@@ -153,6 +153,28 @@ impl Session {
                 json!(self.agent.freeze(req).await.map_err(refused)?.frozen)
             }
             Command::FsfreezeThaw => json!(self.agent.thaw().await.map_err(refused)?.thawed),
+            Command::GetFsinfo => {
+                let paths = crate::guest::fs::Paths::from_config(self.agent.config());
+                tokio::task::spawn_blocking(move || crate::guest::fs::get_fsinfo(&paths))
+                    .await
+                    .map_err(|e| QgaError::generic(format!("internal error: {e}")))??
+            }
+            Command::GetDisks => {
+                let paths = crate::guest::fs::Paths::from_config(self.agent.config());
+                tokio::task::spawn_blocking(move || crate::guest::fs::get_disks(&paths))
+                    .await
+                    .map_err(|e| QgaError::generic(format!("internal error: {e}")))??
+            }
+            Command::Fstrim { minimum } => {
+                // Under the operation lock, so that no freeze overlaps the FITRIMs; refused
+                // if a freeze got in between the frozen check of the request and here.
+                let paths = crate::guest::fs::Paths::from_config(self.agent.config());
+                let trim = move || crate::guest::fs::fstrim(&paths, minimum);
+                match self.agent.while_thawed("trim", trim).await.map_err(refused)? {
+                    Some(r) => r?,
+                    None => return Err(QgaError::disabled_while_frozen(CommandName::Fstrim.as_str())),
+                }
+            }
             Command::VssdFreeze { mountpoints, deadline, cannot_freeze, bind_to_channel, app_failure } => {
                 let req = FreezeRequest {
                     mountpoints,

@@ -189,6 +189,22 @@ impl Agent {
         self.status() == "frozen"
     }
 
+    /// Runs `work` on a blocking thread while nothing is frozen, under the operation lock: no
+    /// freeze starts until it is done (a freeze request waits for it, as behind any command in
+    /// qemu-ga, which runs one at a time). None, without running it, when filesystems are
+    /// frozen. For `guest-fstrim`, whose FITRIMs must not overlap a FIFREEZE.
+    pub async fn while_thawed<T: Send + 'static>(
+        &self,
+        step: &'static str,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<Option<T>, AgentError> {
+        let _op = self.op.lock().await;
+        if self.is_frozen() {
+            return Ok(None);
+        }
+        tokio::task::spawn_blocking(work).await.map(Some).map_err(AgentError::step(step))
+    }
+
     /// The `vssd-status` view.
     pub fn status_json(&self) -> serde_json::Value {
         let inner = self.lock();

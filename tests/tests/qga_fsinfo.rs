@@ -1,0 +1,312 @@
+//! `guest-get-fsinfo`, `guest-get-disks` and `guest-fstrim` on real loop filesystems (ext4,
+//! XFS, btrfs with a second subvolume mount, a bind mount), against the real qemu-ga 7.2.
+//!
+//! qemu-ga runs in a private mount namespace that sees `/`, `/proc`, `/dev`, `/sys` and the sandbox's
+//! mounts, with every command that could change this machine blocked, `guest-fstrim`
+//! included (its namespace still sees `/`). vssd reads the same mount table (its
+//! `--mountinfo` is qemu-ga's), so the two lists must be the same, entry for entry. vssd's own
+//! trims go only to the sandbox: its `--mountinfo` is then a copy of the table with the
+//! sandbox's lines alone.
+
+use std::fs;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tests::*;
+
+/// Everything that could change this machine, and `guest-fstrim` (qemu-ga's namespace sees `/`).
+const BLOCKED: &str = "guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fsfreeze-thaw,guest-shutdown,\
+guest-suspend-disk,guest-suspend-ram,guest-suspend-hybrid,guest-fstrim,guest-set-time,guest-set-vcpus,\
+guest-set-memory-blocks,guest-set-user-password,guest-ssh-add-authorized-keys,guest-ssh-remove-authorized-keys,\
+guest-exec,guest-file-open";
+
+/// A qemu-ga that sees `/` (without submounts), `/proc`, `/dev`, `/sys` and the sandbox's `mnt/`, with
+/// [`BLOCKED`] blocked; killed in Drop.
+struct ReadOnlyQemuGa {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl ReadOnlyQemuGa {
+    fn start(sb: &Sandbox) -> ReadOnlyQemuGa {
+        let qga = Path::new("/usr/sbin/qemu-ga");
+        assert!(qga.is_file(), "qemu-ga is missing: run tests/setup.sh (it installs qemu-guest-agent)");
+        let root = sb.root();
+        let socket = root.join("qemu-ga-ro.sock");
+        let state = root.join("qemu-ga-ro-state");
+        for d in [state.clone(), root.join("ns"), root.join("ns-old")] {
+            fs::create_dir_all(&d).unwrap();
+        }
+        let log = root.join("qemu-ga-ro.log");
+        let logf = fs::File::create(&log).unwrap();
+        const SCRIPT: &str = r#"set -e
+root="$1"; shift
+new="$root/ns"
+mount --bind / "$new"
+mount -t proc proc "$new/proc"
+mount --bind /dev "$new/dev"
+mount --bind /sys "$new/sys"
+mount --rbind "$root/mnt" "$new$root/mnt"
+cd "$new"
+pivot_root . ".$root/ns-old"
+cd /
+umount -l "$root/ns-old"
+exec "$@"
+"#;
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", SCRIPT, "sh"])
+            .arg(root)
+            .arg(qga)
+            .args(["-m", "unix-listen", "-p"])
+            .arg(&socket)
+            .arg("-t")
+            .arg(&state)
+            .arg(format!("--block-rpcs={BLOCKED}"))
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("start qemu-ga");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&socket).is_err() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("qemu-ga exited ({st}); log:\n{}", fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "qemu-ga did not listen within 20 s");
+            thread::sleep(Duration::from_millis(25));
+        }
+        // qemu-ga serves one client at a time; let it notice the probe connection went away.
+        thread::sleep(Duration::from_millis(200));
+        ReadOnlyQemuGa { child, socket, log }
+    }
+
+    /// Its mount table (the process's own, in its namespace).
+    fn mountinfo(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/mountinfo", self.child.id()))
+    }
+
+    fn client(&self, scope: PathBuf) -> QgaClient {
+        let c = QgaClient::connect(&self.socket).unwrap_or_else(|e| panic!("connect to qemu-ga: {}", chain(&e)));
+        c.inspect_sends(move |b| {
+            check_guard(&scope, b);
+            assert!(!b.windows(6).any(|w| w == b"fstrim"), "guard: no guest-fstrim to qemu-ga");
+        })
+    }
+}
+
+impl Drop for ReadOnlyQemuGa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("--- qemu-ga log:\n{}", fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+/// Every difference between two JSON values, as `path: left != right` lines; `lenient` says
+/// which paths may differ a little (usage of filesystems in use outside the test).
+fn differences(
+    path: &str,
+    a: &Value,
+    b: &Value,
+    lenient: &dyn Fn(&str, &Value, &Value) -> bool,
+    out: &mut Vec<String>,
+) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for k in x.keys().chain(y.keys().filter(|k| !x.contains_key(*k))) {
+                let p = format!("{path}.{k}");
+                match (x.get(k), y.get(k)) {
+                    (Some(l), Some(r)) => differences(&p, l, r, lenient, out),
+                    (l, r) => out.push(format!("{p}: qemu-ga {l:?}, vssd {r:?}")),
+                }
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            if x.len() != y.len() {
+                out.push(format!("{path}: qemu-ga has {} entries, vssd {}", x.len(), y.len()));
+            }
+            for (i, (l, r)) in x.iter().zip(y).enumerate() {
+                differences(&format!("{path}[{i}]"), l, r, lenient, out);
+            }
+        }
+        (l, r) if l == r => {}
+        (l, r) if std::mem::discriminant(l) == std::mem::discriminant(r) && lenient(path, l, r) => {}
+        (l, r) => out.push(format!("{path}: qemu-ga {l}, vssd {r}")),
+    }
+}
+
+fn assert_same(what: &str, qga: &Value, vssd: &Value, lenient: &dyn Fn(&str, &Value, &Value) -> bool) {
+    let mut diffs = Vec::new();
+    differences(what, qga, vssd, lenient, &mut diffs);
+    assert!(
+        diffs.is_empty(),
+        "{what}: vssd differs from qemu-ga:\n  {}\nqemu-ga: {qga}\nvssd:    {vssd}",
+        diffs.join("\n  ")
+    );
+}
+
+/// The sandbox of these tests: ext4, XFS, btrfs and a second mount of a btrfs subvolume, and a
+/// bind mount of the ext4 (qemu-ga lists every mount of a device, bind mounts too).
+fn filesystems(sb: &Sandbox) -> Vec<PathBuf> {
+    let e = sb.ext4("e");
+    let x = sb.xfs("x");
+    let b = sb.btrfs("b");
+    let sub = sb.btrfs_subvolume(&b, "sub", "bsub");
+    let bind = sb.bind(&e, "ebind");
+    vec![e, x, b, sub, bind]
+}
+
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn fsinfo_and_disks_match_qemu_ga_key_for_key() {
+    require_root!();
+    let sb = Sandbox::new("qga_fsinfo");
+    let mounts = filesystems(&sb);
+    fs::write(mounts[0].join("some-data"), vec![1u8; 1 << 20]).unwrap();
+    nix::unistd::sync();
+    let qga = ReadOnlyQemuGa::start(&sb);
+    let vssd = Vssd::builder(&sb).arg("--mountinfo").arg(qga.mountinfo()).start();
+    let mut q = qga.client(sb.scope());
+    let mut v = vssd.client();
+
+    let (qf, vf) = (q.ok("guest-get-fsinfo", None), v.ok("guest-get-fsinfo", None));
+    // The machine's own filesystem (`/`, and its bind at the sandbox's `mnt/` in qemu-ga's
+    // namespace) is in use: its usage may move between the two calls. The loop filesystems'
+    // must be equal to the byte.
+    let list = qf.as_array().expect("qemu-ga's fsinfo is a list").clone();
+    let ours: Vec<Value> = mounts.iter().map(|m| p2s(m)).collect();
+    let lenient = |path: &str, l: &Value, r: &Value| {
+        let i: usize = path.split(['[', ']']).nth(1).and_then(|i| i.parse().ok()).unwrap_or(usize::MAX);
+        let outside = list.get(i).is_some_and(|f| !ours.contains(&f["mountpoint"]));
+        let usage = path.ends_with(".used-bytes") || path.ends_with(".total-bytes");
+        let near = |a: &Value, b: &Value| {
+            a.as_f64().zip(b.as_f64()).is_some_and(|(a, b)| (a - b).abs() <= a.abs() * 0.01 + 1e9)
+        };
+        outside && usage && near(l, r)
+    };
+    assert_same("guest-get-fsinfo", &qf, &vf, &lenient);
+
+    // What a host relies on, for each sandbox mount: its type, its device's name, the usage,
+    // and no disk for a loop device (virtual: nothing below it).
+    for (m, fstype) in mounts.iter().zip(["ext4", "xfs", "btrfs", "btrfs", "ext4"]) {
+        let f = vf
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["mountpoint"] == p2s(m))
+            .unwrap_or_else(|| panic!("{} missing: {vf}", m.display()));
+        assert_eq!(f["type"], fstype, "{f}");
+        assert!(f["name"].as_str().unwrap().starts_with("loop"), "{f}");
+        assert!(f["total-bytes"].as_u64().unwrap() > 0 && f["used-bytes"].is_u64(), "{f}");
+        assert_eq!(f["disk"], json!([]), "{f}");
+    }
+    // The bind mount and the subvolume are listed as their own mounts, on the same devices.
+    let name = |m: &Path| vf.as_array().unwrap().iter().find(|f| f["mountpoint"] == p2s(m)).unwrap()["name"].clone();
+    assert_eq!(name(&mounts[0]), name(&mounts[4]));
+    assert_eq!(name(&mounts[2]), name(&mounts[3]));
+
+    // guest-get-disks lists the machine's block devices; other tests may attach or detach loop
+    // devices meanwhile, so take the pair again until qemu-ga's answer held still around vssd's.
+    let mut tries = 0;
+    loop {
+        let q1 = q.ok("guest-get-disks", None);
+        let vd = v.ok("guest-get-disks", None);
+        let q2 = q.ok("guest-get-disks", None);
+        if q1 != q2 && tries < 5 {
+            tries += 1;
+            continue;
+        }
+        assert_same("guest-get-disks", &q1, &vd, &|_, _, _| false);
+        for m in &mounts[..3] {
+            let dev = sb.source_of(m);
+            let d = vd
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == dev.as_str())
+                .unwrap_or_else(|| panic!("{dev} missing: {vd}"));
+            assert_eq!(d["partition"], false, "{d}");
+            assert_eq!(d["dependencies"], json!([]), "{d}");
+            assert!(d.get("address").is_none(), "a loop device has no address: {d}");
+        }
+        break;
+    }
+}
+
+/// The sandbox's lines of this process's mount table, written to `<root>/mountinfo`.
+fn sandbox_mountinfo(sb: &Sandbox) -> PathBuf {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = sb.root().to_string_lossy().into_owned();
+    let mine: String = text
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&root)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = sb.root().join("mountinfo");
+    fs::write(&path, mine).unwrap();
+    path
+}
+
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn fstrim_trims_every_mount_and_is_refused_while_frozen() {
+    require_root!();
+    let sb = Sandbox::new("qga_fstrim");
+    let mounts = filesystems(&sb);
+    for m in &mounts[..3] {
+        fs::write(m.join("gone"), vec![7u8; 4 << 20]).unwrap();
+        nix::unistd::sync();
+        fs::remove_file(m.join("gone")).unwrap();
+    }
+    nix::unistd::sync();
+    let table = sandbox_mountinfo(&sb);
+    let vssd = Vssd::builder(&sb).deadline(5).arg("--mountinfo").arg(&table).start();
+    let mut c = vssd.client();
+
+    let r = c.ok("guest-fstrim", None);
+    let paths = r["paths"].as_array().unwrap_or_else(|| panic!("no paths: {r}"));
+    // One result per mount, the last mount first (qemu-ga's order).
+    let mut want: Vec<Value> = mounts.iter().map(|m| p2s(m)).collect();
+    want.reverse();
+    let got: Vec<Value> = paths.iter().map(|p| p["path"].clone()).collect();
+    assert_eq!(got, want, "{r}");
+    for p in paths {
+        assert!(p.get("error").is_none(), "{p}");
+        assert!(p["trimmed"].is_i64() && p["minimum"].is_i64(), "{p}");
+        let mut keys: Vec<&str> = p.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(keys, ["minimum", "path", "trimmed"], "{p}");
+    }
+    // A freshly mounted filesystem trims all its free space on the first FITRIM.
+    for m in &mounts[..3] {
+        let p = paths.iter().find(|p| p["path"] == p2s(m)).unwrap();
+        assert!(p["trimmed"].as_i64().unwrap() > 0, "nothing trimmed on {}: {p}", m.display());
+    }
+    let r = c.ok("guest-fstrim", Some(json!({"minimum": 1 << 20})));
+    assert_eq!(r["paths"].as_array().unwrap().len(), mounts.len(), "{r}");
+
+    // Frozen (through vssd's scope, a short deadline): refused as qemu-ga refuses it.
+    let list: Vec<Value> = mounts[..3].iter().map(|m| p2s(m)).collect();
+    let f = c.ok("vssd-freeze", Some(json!({"mountpoints": list, "deadline": 5})));
+    assert!(f["frozen"].as_u64().unwrap() >= 3, "{f}");
+    let refused = c.call("guest-fstrim", None);
+    assert_eq!(
+        expect_error(&refused, "CommandNotFound", "guest-fstrim while frozen"),
+        "Command guest-fstrim has been disabled: the agent is in frozen state"
+    );
+    let info = c.ok("guest-info", None);
+    let entry = info["supported_commands"].as_array().unwrap().iter().find(|e| e["name"] == "guest-fstrim").cloned();
+    assert_eq!(entry.unwrap()["enabled"], false, "guest-info while frozen");
+    for m in &mounts[..3] {
+        assert!(frozen_by_someone(m), "{} is not frozen", m.display());
+    }
+    c.ok("guest-fsfreeze-thaw", None);
+    let r = c.ok("guest-fstrim", None);
+    assert!(r["paths"].as_array().unwrap().iter().all(|p| p.get("error").is_none()), "after thaw: {r}");
+}
