@@ -86,6 +86,9 @@ pub enum BackendError {
     Info { path: PathBuf, desc: String },
 }
 
+/// The longest guest-info waits for the backend's list.
+pub const INFO_WAIT: Duration = Duration::from_secs(2);
+
 /// The connection to the backend, and the backend's command list as last seen.
 pub struct Backend {
     path: PathBuf,
@@ -152,9 +155,12 @@ impl Backend {
         self.known().map(|k| k.iter().any(|c| c.name == name))
     }
 
-    /// The backend's `guest-info` command list (and remembers it).
+    /// The backend's `guest-info` command list (and remembers it), waiting at most
+    /// [`INFO_WAIT`] or the timeout, whichever is shorter: guest-info is what hosts poll to
+    /// see that the agent lives, and it answers without the backend's list rather than late.
     pub async fn commands(&self) -> Result<Arc<[BackendCommand]>, BackendError> {
-        let reply = match self.exchange("guest-info", |id| json!({"execute": "guest-info", "id": id}), true).await? {
+        let make = |id| json!({"execute": "guest-info", "id": id});
+        let reply = match self.exchange_within(self.timeout.min(INFO_WAIT), "guest-info", make, true).await? {
             Outcome::Reply(r) => r,
             Outcome::NoReply => unreachable!("guest-info is asked with a success response"),
         };
@@ -202,7 +208,16 @@ impl Backend {
         make: impl FnOnce(i64) -> Value,
         success_response: bool,
     ) -> Result<Outcome, BackendError> {
-        let after = self.timeout;
+        self.exchange_within(self.timeout, command, make, success_response).await
+    }
+
+    async fn exchange_within(
+        &self,
+        after: Duration,
+        command: &str,
+        make: impl FnOnce(i64) -> Value,
+        success_response: bool,
+    ) -> Result<Outcome, BackendError> {
         match tokio::time::timeout(after, self.exchange_now(command, make, success_response)).await {
             Ok(r) => r,
             // The connection stays as it is; the next request's resync drops the late reply.

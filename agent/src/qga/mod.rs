@@ -615,4 +615,15 @@ mod tests {
         assert_eq!(v["id"], 4);
         assert_eq!(one(&mut s, b"{\"execute\":\"guest-exec\"}").await, json!({"return": {"pid": 4242}}));
     }
+
+    #[tokio::test]
+    async fn guest_info_answers_within_two_seconds_however_long_the_backend_timeout() {
+        let d = tempfile::tempdir().unwrap();
+        let q = FakeQemuGa::start(|_, _| Act::Late(Duration::from_secs(3600), json!({"return": {}})));
+        let mut s = session_with(d.path(), Some(&q.path), 60.0);
+        let t = Instant::now();
+        let info = one(&mut s, b"{\"execute\":\"guest-info\"}").await;
+        assert!(t.elapsed() >= super::backend::INFO_WAIT && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert_eq!(names(&info).len(), CommandName::ALL.len());
+    }
 }
