@@ -114,7 +114,7 @@ fn vssd_forwards_guest_exec_to_the_qemu_ga_behind_it_and_survives_its_death() {
 
     // The backend dies: the host gets a clear error at once, naming the socket; freezing and
     // thawing go on.
-    vm.sh("kill -9 $(cat /run/qga-backend/qemu-ga.pid)");
+    vm.sh("kill -9 $(cat /run/qga-backend/pid)");
     let t = Instant::now();
     let (class, desc) = command_error(g.execute("guest-exec", Some(json!({"path": "/bin/true"})), T));
     assert!(t.elapsed() < Duration::from_secs(10), "the error took {:?} (qga-backend-timeout is 10 s)", t.elapsed());
@@ -129,9 +129,9 @@ fn vssd_forwards_guest_exec_to_the_qemu_ga_behind_it_and_survives_its_death() {
 
     // A new backend on the same socket (it replaces the dead one's socket file) serves the
     // next command without restarting vssd. /proc/net/unix lists a socket once it listens.
-    vm.sh("qemu-ga -m unix-listen -p /run/qga-backend.sock -t /run/qga-backend -f /run/qga-backend/qemu-ga.pid \
+    vm.sh("qemu-ga -m unix-listen -p /run/qga-backend.sock -t /run/qga-backend \
          --block-rpcs=guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fsfreeze-thaw \
-         </dev/null >>/run/qga-backend.log 2>&1 & \
+         </dev/null >>/run/qga-backend.log 2>&1 & echo $! >/run/qga-backend/pid; \
          i=0; while ! grep -q /run/qga-backend.sock /proc/net/unix && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
          grep -q /run/qga-backend.sock /proc/net/unix");
     let (code, out) = guest_exec(&mut g, "echo back");
@@ -148,7 +148,7 @@ fn a_hung_backend_costs_the_host_its_timeout_and_never_holds_up_a_thaw() {
     assert_eq!(g.execute("guest-exec", Some(json!({"path": "/bin/true"})), T).unwrap()["pid"].is_i64(), true);
     assert_eq!(g.execute("guest-fsfreeze-freeze", None, T).unwrap(), json!(4));
     // The backend stops answering (SIGSTOP) while the guest is frozen...
-    vm.sh("kill -STOP $(cat /run/qga-backend/qemu-ga.pid)");
+    vm.sh("kill -STOP $(cat /run/qga-backend/pid)");
     // ... which costs a thaw nothing: it is vssd's own.
     let t = Instant::now();
     assert_eq!(g.execute("guest-fsfreeze-thaw", None, T).unwrap(), json!(4));
@@ -161,7 +161,7 @@ fn a_hung_backend_costs_the_host_its_timeout_and_never_holds_up_a_thaw() {
     assert!(desc.contains("did not answer `guest-exec-status` within 10 s"), "{desc}");
     assert!(took >= Duration::from_secs(9) && took < Duration::from_secs(20), "{took:?}");
     // The backend comes back: its late reply is dropped, and the next command gets its own.
-    vm.sh("kill -CONT $(cat /run/qga-backend/qemu-ga.pid)");
+    vm.sh("kill -CONT $(cat /run/qga-backend/pid)");
     let (code, out) = guest_exec(&mut g, "echo after");
     assert_eq!((code, out.as_str()), (0, "after\n"));
 }
