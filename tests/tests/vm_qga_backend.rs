@@ -110,7 +110,8 @@ fn vssd_forwards_guest_exec_to_the_qemu_ga_behind_it_and_survives_its_death() {
     let exec = info["supported_commands"].as_array().unwrap().iter().find(|c| c["name"] == "guest-exec").cloned();
     assert_eq!(exec.map(|c| c["enabled"].clone()), Some(json!(false)), "{info}");
     assert_eq!(g.execute("guest-fsfreeze-thaw", None, T).unwrap(), json!(4));
-    assert_eq!(vm.sh("ls /data/e3/while-frozen 2>&1 || true").contains("No such file"), true);
+    let ls = vm.sh("ls /data/e3/while-frozen 2>&1 || true");
+    assert!(ls.contains("No such file"), "guest-exec ran while frozen: {ls}");
 
     // The backend dies: the host gets a clear error at once, naming the socket; freezing and
     // thawing go on.
@@ -145,7 +146,8 @@ fn a_hung_backend_costs_the_host_its_timeout_and_never_holds_up_a_thaw() {
     let vm =
         TestVm::boot("qgahung", VmOpts { writers: false, append: "vmtest.qga-backend=1".into(), ..Default::default() });
     let mut g = Qga::connect(&vm.agent_path()).expect("agent channel");
-    assert_eq!(g.execute("guest-exec", Some(json!({"path": "/bin/true"})), T).unwrap()["pid"].is_i64(), true);
+    let r = g.execute("guest-exec", Some(json!({"path": "/bin/true"})), T).unwrap();
+    assert!(r["pid"].is_i64(), "{r}");
     assert_eq!(g.execute("guest-fsfreeze-freeze", None, T).unwrap(), json!(4));
     // The backend stops answering (SIGSTOP) while the guest is frozen...
     vm.sh("kill -STOP $(cat /run/qga-backend/pid)");

@@ -626,4 +626,26 @@ mod tests {
         assert!(t.elapsed() >= super::backend::INFO_WAIT && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         assert_eq!(names(&info).len(), CommandName::ALL.len());
     }
+
+    /// Issue 10, security: vssd never runs a host's program nor writes a host's file itself;
+    /// those commands exist only through a configured backend.
+    #[test]
+    fn programs_files_passwords_and_keys_are_never_native() {
+        for name in [
+            "guest-exec",
+            "guest-exec-status",
+            "guest-file-open",
+            "guest-file-write",
+            "guest-file-read",
+            "guest-file-close",
+            "guest-file-seek",
+            "guest-file-flush",
+            "guest-set-user-password",
+            "guest-ssh-add-authorized-keys",
+            "guest-ssh-remove-authorized-keys",
+            "guest-ssh-get-authorized-keys",
+        ] {
+            assert_eq!(CommandName::from_wire(name), None, "{name} must stay with the backend");
+        }
+    }
 }
