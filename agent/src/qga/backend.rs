@@ -30,6 +30,7 @@ use qga_wire::Unknown;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::Config;
@@ -159,8 +160,14 @@ impl Backend {
     /// [`INFO_WAIT`] or the timeout, whichever is shorter: guest-info is what hosts poll to
     /// see that the agent lives, and it answers without the backend's list rather than late.
     pub async fn commands(&self) -> Result<Arc<[BackendCommand]>, BackendError> {
+        let limit = self.timeout.min(INFO_WAIT);
+        self.commands_until(Instant::now() + limit, limit).await
+    }
+
+    /// [`Backend::commands`] by `deadline`; `limit` is what a timeout error reports.
+    async fn commands_until(&self, deadline: Instant, limit: Duration) -> Result<Arc<[BackendCommand]>, BackendError> {
         let make = |id| json!({"execute": "guest-info", "id": id});
-        let reply = match self.exchange_within(self.timeout.min(INFO_WAIT), "guest-info", make, true).await? {
+        let reply = match self.exchange_until(deadline, limit, "guest-info", make, true).await? {
             Outcome::Reply(r) => r,
             Outcome::NoReply => unreachable!("guest-info is asked with a success response"),
         };
@@ -187,10 +194,15 @@ impl Backend {
 
     /// Runs a command vssd does not implement in the backend; its reply comes back with our
     /// id in it (see [`relay`]).
+    /// Runs a command vssd does not implement in the backend, within the timeout; its reply
+    /// comes back with our id in it (see [`relay`]).
     pub async fn forward(&self, req: &Unknown) -> Result<Outcome, BackendError> {
+        let deadline = Instant::now() + self.timeout;
         if self.known().is_none() {
-            // Once: whether the command answers on success comes from the backend's list.
-            if let Err(e) = self.commands().await {
+            // Once: whether the command answers on success comes from the backend's list. Out
+            // of the same time limit.
+            let until = deadline.min(Instant::now() + INFO_WAIT);
+            if let Err(e) = self.commands_until(until, self.timeout.min(INFO_WAIT)).await {
                 debug!(error = %e, "backend: no command list yet");
             }
         }
@@ -198,30 +210,23 @@ impl Backend {
             .known()
             .and_then(|k| k.iter().find(|c| c.name == req.name).map(|c| c.success_response))
             .unwrap_or(true);
-        self.exchange(&req.name, |id| req.envelope(json!(id)), success_response).await
+        self.exchange_until(deadline, self.timeout, &req.name, |id| req.envelope(json!(id)), success_response).await
     }
 
-    /// One request within the time limit, the wait for the connection included.
-    async fn exchange(
+    /// One request by `deadline`, the wait for the connection included; `limit` is what a
+    /// timeout error reports.
+    async fn exchange_until(
         &self,
+        deadline: Instant,
+        limit: Duration,
         command: &str,
         make: impl FnOnce(i64) -> Value,
         success_response: bool,
     ) -> Result<Outcome, BackendError> {
-        self.exchange_within(self.timeout, command, make, success_response).await
-    }
-
-    async fn exchange_within(
-        &self,
-        after: Duration,
-        command: &str,
-        make: impl FnOnce(i64) -> Value,
-        success_response: bool,
-    ) -> Result<Outcome, BackendError> {
-        match tokio::time::timeout(after, self.exchange_now(command, make, success_response)).await {
+        match tokio::time::timeout_at(deadline, self.exchange_now(command, make, success_response)).await {
             Ok(r) => r,
             // The connection stays as it is; the next request's resync drops the late reply.
-            Err(_) => Err(BackendError::Timeout { command: command.into(), path: self.path.clone(), after }),
+            Err(_) => Err(BackendError::Timeout { command: command.into(), path: self.path.clone(), after: limit }),
         }
     }
 

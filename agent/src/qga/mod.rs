@@ -548,12 +548,13 @@ mod tests {
         let text = desc(&v);
         assert!(text.contains("did not answer `guest-file-read` within 0.5 s (qga-backend-timeout)"), "{text}");
         assert!(text.contains("systemctl restart vssd-qga-backend.service"), "{text}");
-        assert!(took >= Duration::from_millis(500) && took < Duration::from_millis(1500), "{took:?}");
+        // Its first request also asked for the backend's list: all within the one limit.
+        assert!(took >= Duration::from_millis(500) && took < Duration::from_millis(900), "{took:?}");
         // A request queued behind the hung one is bounded by its own timeout too.
         let t = Instant::now();
         let v = one(&mut other, b"{\"execute\":\"guest-exec\"}").await;
         assert!(desc(&v).contains("did not answer"), "{v}");
-        assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_millis(900), "{:?}", t.elapsed());
         // guest-info still answers, with vssd's own list, within the timeout.
         let info = one(&mut other, b"{\"execute\":\"guest-info\"}").await;
         assert_eq!(names(&info).len(), CommandName::ALL.len());
