@@ -10,6 +10,10 @@
 //! types, its wire name, whether it may run while frozen, and how its arguments are read.
 //! `guest-info`'s list and the frozen-time set come from that list, and a name that is not
 //! in it is an error reply, never a panic. A new command is one entry there.
+//!
+//! A well-formed request for a name that is not in the list stays a [`Request`] too, so that
+//! an agent with a qemu-ga behind it can forward it as it came ([`Request::into_unknown`]);
+//! [`Request::command`] answers it "has not been found".
 
 use std::path::PathBuf;
 use std::time::Duration;
