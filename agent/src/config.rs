@@ -144,6 +144,12 @@ pub struct Config {
     pub sysfs: PathBuf,
     /// The device directory (virtio-serial port nodes).
     pub devfs: PathBuf,
+    /// A qemu-ga listening on this unix socket (`qemu-ga -m unix-listen -p PATH` with its
+    /// freeze commands blocked) runs every command vssd does not implement; None: such
+    /// commands are `CommandNotFound`.
+    pub qga_backend: Option<PathBuf>,
+    /// Seconds one command forwarded to the backend may take, connecting included.
+    pub qga_backend_timeout: f64,
 }
 
 impl Default for Config {
@@ -174,6 +180,8 @@ impl Default for Config {
             mountinfo: "/proc/self/mountinfo".into(),
             sysfs: "/sys".into(),
             devfs: "/dev".into(),
+            qga_backend: None,
+            qga_backend_timeout: 10.0,
         }
     }
 }
@@ -244,6 +252,17 @@ impl Config {
         if self.max_message_bytes < 1024 {
             return bad(format!("max-message-bytes {} is too small (at least 1024)", self.max_message_bytes));
         }
+        if let Some(p) = &self.qga_backend {
+            if !p.is_absolute() {
+                return bad(format!(
+                    "qga-backend `{}` must be an absolute path (the backend's unix socket)",
+                    p.display()
+                ));
+            }
+        }
+        if !(self.qga_backend_timeout > 0.0 && self.qga_backend_timeout <= 3600.0) {
+            return bad(format!("qga-backend-timeout {} must be between 0 and 3600 seconds", self.qga_backend_timeout));
+        }
         Ok(())
     }
 
@@ -273,6 +292,10 @@ impl Config {
 
     pub fn hook_deadline(&self) -> Duration {
         Duration::from_secs_f64(self.hook_deadline)
+    }
+
+    pub fn qga_backend_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.qga_backend_timeout)
     }
 }
 
@@ -324,6 +347,28 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("freeze-deadline"));
         let c = Config { scope: "rel".into(), ..Config::default() };
         assert!(c.validate().unwrap_err().to_string().contains("absolute"));
+        for t in [0.0, -1.0, 3601.0, f64::NAN] {
+            let c = Config { qga_backend_timeout: t, ..Config::default() };
+            assert!(c.validate().unwrap_err().to_string().contains("qga-backend-timeout"), "{t}");
+        }
+        let c = Config { qga_backend: Some("run/qga.sock".into()), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("qga-backend `run/qga.sock`"));
+    }
+
+    #[test]
+    fn the_backend_is_off_by_default_and_set_by_its_keys() {
+        assert_eq!(Config::default().qga_backend, None);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, "qga-backend = \"/run/qga-backend.sock\"\nqga-backend-timeout = 2.5\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.qga_backend.as_deref(), Some(Path::new("/run/qga-backend.sock")));
+        assert_eq!(c.qga_backend_timeout(), Duration::from_millis(2500));
+        // --print-config shows it, and what it prints loads back.
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("qga-backend = \"/run/qga-backend.sock\""), "{text}");
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), c);
     }
 
     #[test]

@@ -26,6 +26,14 @@ use vssd::service::Agent;
 /// --quiesce`), Proxmox, OpenStack and KubeVirt drive it unchanged. Every freeze ends: if no
 /// thaw arrives before the deadline, or the channel that froze goes away, vssd thaws by itself.
 ///
+/// With `--qga-backend PATH` (or `qga-backend` in the config), every command vssd does not
+/// implement (guest-exec, guest-file-*, guest-set-user-password, guest-ssh-*, ...) is forwarded
+/// to a qemu-ga listening on that unix socket with its freeze commands blocked
+/// (`qemu-ga -m unix-listen -p PATH --block-rpcs=guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fsfreeze-thaw`;
+/// vssd-qga-backend.service runs it), and guest-info lists both agents' commands. vssd itself
+/// never runs a program nor writes a file a host names; without a backend those commands do
+/// not exist.
+///
 /// Flags override the config file (default /etc/vssd/vssd.toml; `--print-config` shows the result).
 ///
 /// Exit codes: 0 stopped cleanly (thawed first), 1 runtime error (a channel could not be
@@ -33,7 +41,7 @@ use vssd::service::Agent;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Examples:\n  vssd                                   # virtio-serial port org.qemu.guest_agent.0\n  vssd --channel vsock:4444 --channel virtio-serial:org.qemu.guest_agent.0\n  vssd --channel unix:/run/vssd/test.sock --scope /srv/data --freeze-deadline 10"
+    after_help = "Examples:\n  vssd                                   # virtio-serial port org.qemu.guest_agent.0\n  vssd --channel vsock:4444 --channel virtio-serial:org.qemu.guest_agent.0\n  vssd --channel unix:/run/vssd/test.sock --scope /srv/data --freeze-deadline 10\n  vssd --qga-backend /run/qga-backend.sock            # qemu-ga behind vssd for the rest"
 )]
 struct Cli {
     /// Config file (TOML). Missing default file: built-in defaults.
@@ -98,6 +106,14 @@ struct Cli {
     /// while FIFREEZE runs, and puts the knob back after).
     #[arg(long)]
     no_rcu_expedite: bool,
+    /// Forward every command vssd does not implement to the qemu-ga listening on this unix
+    /// socket (default: none; such commands are "not found").
+    #[arg(long, value_name = "PATH")]
+    qga_backend: Option<PathBuf>,
+    /// Seconds a command forwarded to the qemu-ga backend may take before the host gets an
+    /// error naming the backend (default 10).
+    #[arg(long, value_name = "SECONDS")]
+    qga_backend_timeout: Option<f64>,
     /// Mount table to read (for tests; default /proc/self/mountinfo).
     #[arg(long, value_name = "FILE", hide = true)]
     mountinfo: Option<PathBuf>,
@@ -174,6 +190,12 @@ fn effective_config(cli: &Cli) -> Result<Config, ConfigError> {
     }
     if let Some(v) = cli.hook_deadline {
         c.hook_deadline = v;
+    }
+    if let Some(v) = &cli.qga_backend {
+        c.qga_backend = Some(v.clone());
+    }
+    if let Some(v) = cli.qga_backend_timeout {
+        c.qga_backend_timeout = v;
     }
     if let Some(v) = &cli.mountinfo {
         c.mountinfo = v.clone();
@@ -282,6 +304,9 @@ async fn run(cfg: Config) -> ExitCode {
     match agent.plan(None) {
         Ok(p) => tracing::debug!(mounts = p.mounts.len(), ms = t.elapsed().as_secs_f64() * 1000.0, "warm-up plan"),
         Err(e) => warn!(error = %chain(e), "cannot plan (the first freeze will say why)"),
+    }
+    if let Some(b) = &agent.config().qga_backend {
+        info!(backend = %b.display(), "forwarding the commands vssd does not implement to qemu-ga");
     }
     info!(scope = %agent.config().scope.display(), deadline_s = agent.config().freeze_deadline, "vssd ready");
     notify_ready();

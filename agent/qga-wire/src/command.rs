@@ -11,6 +11,10 @@
 //! how its arguments are read. `guest-info`'s list (with `success-response`) and the
 //! frozen-time set come from that list, and a name that is not
 //! in it is an error reply, never a panic. A new command is one entry there.
+//!
+//! A well-formed request for a name that is not in the list stays a [`Request`] too, so that
+//! an agent with a qemu-ga behind it can forward it as it came ([`Request::into_unknown`]);
+//! [`Request::command`] answers it "has not been found".
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -281,12 +285,21 @@ impl Incoming {
     }
 }
 
-/// A request for a known command; its arguments are not checked yet, because qemu-ga checks
-/// whether the command is allowed first.
+/// qemu-ga 7.2's `ga_freeze_allowlist` (qga/main.c): the only commands it runs while frozen.
+/// vssd implements every one of them itself, so while frozen nothing is forwarded to a
+/// backend qemu-ga in practice; the rule is still applied by name, as qemu-ga does.
+pub const QEMU_GA_FREEZE_ALLOWLIST: &[&str] =
+    &["guest-ping", "guest-info", "guest-sync", "guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-thaw"];
+
+/// A request whose envelope is well-formed; its arguments are not checked yet, because
+/// qemu-ga checks whether the command is allowed first. Its name is one vssd knows, or one it
+/// does not: that one is `CommandNotFound` ([`Request::command`]) unless a backend qemu-ga
+/// takes it ([`Request::into_unknown`]).
 #[derive(Debug, Clone)]
 pub struct Request {
-    name: CommandName,
-    arguments: Map<String, Value>,
+    name: Result<CommandName, String>,
+    /// None when the request had no `arguments` member (forwarded as it came).
+    arguments: Option<Map<String, Value>>,
 }
 
 impl Request {
@@ -300,29 +313,77 @@ impl Request {
             None => return Err(QgaError::generic("QMP input lacks member 'execute'")),
         };
         let arguments = match m.remove("arguments") {
-            None => Map::new(),
-            Some(Value::Object(a)) => a,
+            None => None,
+            Some(Value::Object(a)) => Some(a),
             Some(_) => return Err(QgaError::generic("QMP input member 'arguments' must be an object")),
         };
-        let name = CommandName::from_wire(&name).ok_or_else(|| QgaError::not_found(&name))?;
+        let name = CommandName::from_wire(&name).ok_or(name);
         Ok(Request { name, arguments })
     }
 
-    /// The command asked for.
-    pub fn name(&self) -> CommandName {
-        self.name
+    /// The command asked for, if vssd knows it.
+    pub fn name(&self) -> Option<CommandName> {
+        self.name.as_ref().ok().copied()
+    }
+
+    /// The name as the host sent it.
+    pub fn wire_name(&self) -> &str {
+        match &self.name {
+            Ok(n) => n.as_str(),
+            Err(s) => s,
+        }
     }
 
     /// The command with its arguments checked; `frozen` says whether filesystems are frozen
-    /// now, which disables some commands before their arguments are looked at.
+    /// now, which disables some commands before their arguments are looked at. A name vssd
+    /// does not know is `CommandNotFound`, frozen or not.
     pub fn command(self, frozen: bool) -> Result<Command, QgaError> {
-        if frozen && !self.name.allowed_while_frozen() {
-            return Err(QgaError::disabled_while_frozen(self.name.as_str()));
+        let name = self.name.map_err(|n| QgaError::not_found(&n))?;
+        if frozen && !name.allowed_while_frozen() {
+            return Err(QgaError::disabled_while_frozen(name.as_str()));
         }
-        let mut args = Args(self.arguments);
-        let cmd = self.name.parse_arguments(&mut args)?;
+        let mut args = Args(self.arguments.unwrap_or_default());
+        let cmd = name.parse_arguments(&mut args)?;
         args.done()?;
         Ok(cmd)
+    }
+
+    /// The request as it came, when vssd does not know its name (to forward it to a backend);
+    /// else the request back.
+    pub fn into_unknown(self) -> Result<Unknown, Request> {
+        match self.name {
+            Err(name) => Ok(Unknown { name, arguments: self.arguments }),
+            Ok(_) => Err(self),
+        }
+    }
+}
+
+/// A well-formed request for a command vssd does not implement, kept as it came so that a
+/// backend qemu-ga can check its arguments with its own errors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unknown {
+    /// `execute`, as sent.
+    pub name: String,
+    /// `arguments`, as sent (None: there was no such member).
+    pub arguments: Option<Map<String, Value>>,
+}
+
+impl Unknown {
+    /// Whether qemu-ga would run it while frozen ([`QEMU_GA_FREEZE_ALLOWLIST`]).
+    pub fn allowed_while_frozen(&self) -> bool {
+        QEMU_GA_FREEZE_ALLOWLIST.contains(&self.name.as_str())
+    }
+
+    /// The request to send on, with `id` as its top-level id (the host's own id stays with
+    /// the forwarder, which puts it back on the reply).
+    pub fn envelope(&self, id: Value) -> Value {
+        let mut m = Map::new();
+        m.insert("execute".into(), Value::String(self.name.clone()));
+        if let Some(a) = &self.arguments {
+            m.insert("arguments".into(), Value::Object(a.clone()));
+        }
+        m.insert("id".into(), id);
+        Value::Object(m)
     }
 }
 
@@ -803,7 +864,7 @@ mod tests {
             let msg = json!({"execute": "no-such-cmd", "id": id.clone()}).to_string();
             let inc = Incoming::parse(msg.as_bytes());
             assert_eq!(inc.id, Some(id));
-            assert!(inc.request.is_err());
+            assert!(inc.request.and_then(|r| r.command(false)).is_err());
         }
         assert_eq!(Incoming::parse(b"[1]").id, None);
         assert_eq!(Incoming::parse(b"{\"execute\":").id, None);
@@ -891,6 +952,37 @@ mod tests {
         {
             let inc = Incoming::parse(msg.as_bytes());
             assert_eq!(inc.request.unwrap_err().class, ErrorClass::GenericError, "{msg}");
+        }
+    }
+
+    #[test]
+    fn qemu_gas_frozen_allowlist_is_all_native_and_allowed_while_frozen() {
+        for n in QEMU_GA_FREEZE_ALLOWLIST {
+            let c = CommandName::from_wire(n).unwrap_or_else(|| panic!("{n} is not native"));
+            assert!(c.allowed_while_frozen(), "{n}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_name_keeps_its_arguments_for_forwarding_and_a_known_one_does_not_forward() {
+        let r = Incoming::parse(br#"{"execute":"guest-exec","arguments":{"path":"/bin/true","arg":["x"]},"id":"h"}"#);
+        assert_eq!(r.id, Some(json!("h")));
+        let u = r.request.unwrap().into_unknown().unwrap();
+        assert_eq!(u.name, "guest-exec");
+        assert!(!u.allowed_while_frozen());
+        assert_eq!(
+            u.envelope(json!(17)),
+            json!({"execute": "guest-exec", "arguments": {"path": "/bin/true", "arg": ["x"]}, "id": 17})
+        );
+        // No `arguments` member: none is sent on.
+        let u = Incoming::parse(br#"{"execute":"guest-get-devices"}"#).request.unwrap().into_unknown().unwrap();
+        assert_eq!(u.envelope(json!(1)), json!({"execute": "guest-get-devices", "id": 1}));
+        let r = Incoming::parse(br#"{"execute":"guest-ping"}"#).request.unwrap();
+        assert_eq!((r.name(), r.wire_name()), (Some(CommandName::Ping), "guest-ping"));
+        assert!(r.into_unknown().is_err());
+        // The envelope is checked before anything could be forwarded.
+        for bad in [r#"{"execute":"guest-exec","arguments":[]}"#, r#"{"execute":"guest-exec","x":1}"#] {
+            assert!(Incoming::parse(bad.as_bytes()).request.is_err(), "{bad}");
         }
     }
 }

@@ -20,5 +20,5 @@ pub mod reply;
 pub mod stream;
 
 pub use client::{AgentInfo, Client, ClientError, Reply};
-pub use command::{AppFailure, CannotFreeze, Command, CommandName, Incoming, Request, ShutdownMode};
+pub use command::{AppFailure, CannotFreeze, Command, CommandName, Incoming, Request, ShutdownMode, Unknown};
 pub use reply::{ErrorClass, QgaError};
