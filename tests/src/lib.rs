@@ -29,6 +29,7 @@
 pub use serde_json::{json, Value};
 
 pub mod cmd;
+pub mod libvirt;
 pub mod probe;
 pub mod qemu_ga;
 pub mod qga;
