@@ -43,18 +43,19 @@ const USER_PROCESS: i16 = 7;
 /// `secs`.`usecs` (Unix time).
 fn utmp_record(user: &str, line: &str, host: &str, pid: i32, secs: i32, usecs: i32) -> Vec<u8> {
     let mut r = vec![0u8; UTMP_SIZE];
-    let mut put = |off: usize, len: usize, s: &[u8]| r[off..off + s.len().min(len)].copy_from_slice(&s[..s.len().min(len)]);
+    let mut put =
+        |off: usize, len: usize, s: &[u8]| r[off..off + s.len().min(len)].copy_from_slice(&s[..s.len().min(len)]);
     put(0, 2, &USER_PROCESS.to_ne_bytes()); // ut_type (+ 2 bytes of padding)
     put(4, 4, &pid.to_ne_bytes()); // ut_pid
     put(8, 32, line.as_bytes()); // ut_line
-    // ut_id: the line's last 4 characters, as login does.
+                                 // ut_id: the line's last 4 characters, as login does.
     put(40, 4, line.as_bytes()[line.len().saturating_sub(4)..].as_ref());
     put(44, 32, user.as_bytes()); // ut_user
     put(76, 256, host.as_bytes()); // ut_host
-    // 332 ut_exit (2 x i16), 336 ut_session (i32): zero.
+                                   // 332 ut_exit (2 x i16), 336 ut_session (i32): zero.
     put(340, 4, &secs.to_ne_bytes()); // ut_tv.tv_sec (i32 on x86_64, for 32-bit compatibility)
     put(344, 4, &usecs.to_ne_bytes()); // ut_tv.tv_usec
-    // 348 ut_addr_v6 (4 x i32), 364 reserved (20 bytes): zero.
+                                       // 348 ut_addr_v6 (4 x i32), 364 reserved (20 bytes): zero.
     r
 }
 

@@ -111,6 +111,9 @@ pub struct VmOpts {
     /// A second agent port, [`QGA1_PORT`], served by a real qemu-ga in the guest (whatever
     /// `agent` serves the first one); reach it with [`TestVm::qemu_ga`].
     pub qemu_ga_port: bool,
+    /// Each data disk gets the serial `vmtest-NAME` (`data`, `data2`), and the guest's init
+    /// writes it to udev's database as udev would (`ID_SERIAL`), where both agents read it.
+    pub serials: bool,
 }
 
 /// The MAC address of the guest's NIC ([`VmOpts::nic`]).
@@ -132,6 +135,7 @@ impl Default for VmOpts {
             append: String::new(),
             nic: false,
             qemu_ga_port: false,
+            serials: false,
         }
     }
 }
@@ -240,6 +244,12 @@ impl TestVm {
         if opts.nic {
             for a in ["-netdev", "user,id=net0", "-device", &format!("virtio-net-pci,netdev=net0,mac={GUEST_MAC}")] {
                 args.push(format!("--qemu-arg={a}"));
+            }
+        }
+        if opts.serials {
+            for (n, _) in &g.disks {
+                args.push("--qemu-arg=-set".into());
+                args.push(format!("--qemu-arg=device.vd-{n}.serial=vmtest-{n}"));
             }
         }
         if opts.qemu_ga_port {
