@@ -72,6 +72,52 @@ fn now_s() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Waits (at most 30 s) until eth0 has its SLAAC address from QEMU's user network (fec0::/64),
+/// which comes with a router advertisement some time after the link is up: both boots must be
+/// compared with the same addresses. Asks the agent under test; if it never shows one, the
+/// comparison says so.
+fn wait_for_slaac(d: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let out = virsh(&["domifaddr", d, "--source", "agent", "--full"]);
+        if out.code != Some(0) {
+            return;
+        }
+        let slaac = parse_table(&out.stdout)
+            .iter()
+            .any(|r| r.first().map(String::as_str) == Some("eth0") && r.get(3).is_some_and(|a| a.starts_with("fec0:")));
+        if slaac {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("[{d}] no SLAAC address on eth0 within 30 s");
+}
+
+/// Replaces each `user.N.login-time` (ms) by a mark when it falls within this boot (the guest's
+/// init writes the login record while it boots, so it differs between boots); leaves it, for
+/// the comparison to show, when it does not.
+fn login_times_checked(fields: Vec<(String, String)>, (start, ready): (i64, i64)) -> Vec<(String, String)> {
+    let slack = 1000 * TIME_TOLERANCE_S;
+    fields
+        .into_iter()
+        .map(|(k, v)| match v.parse::<i64>() {
+            Ok(t)
+                if k.starts_with("user.")
+                    && k.ends_with(".login-time")
+                    && (start - slack..=ready + slack).contains(&t) =>
+            {
+                (k, "(during this boot)".to_string())
+            }
+            _ => (k, v),
+        })
+        .collect()
+}
+
 fn sorted(mut rows: Vec<Vec<String>>) -> Vec<Vec<String>> {
     rows.sort();
     rows
@@ -80,13 +126,16 @@ fn sorted(mut rows: Vec<Vec<String>>) -> Vec<Vec<String>> {
 /// Boots the guest under libvirt with `agent`, runs the virsh commands, shuts it down.
 fn observe(lv: &Libvirtd, agent: &'static str) -> Observed {
     let dom = Domain::define(lv, agent, &DomainOpts { agent, ..Default::default() });
+    let boot_start_ms = now_ms();
     dom.start(Duration::from_secs(180));
+    let boot = (boot_start_ms, now_ms());
     let d = dom.name.as_str();
     eprintln!("=== {agent}");
+    wait_for_slaac(d);
 
     let fsinfo = run(&["domfsinfo", d]).map(|o| sorted(parse_table(&o)));
     let ifaddr = run(&["domifaddr", d, "--source", "agent", "--full"]).map(|o| sorted(parse_table(&o)));
-    let guestinfo = run(&["guestinfo", d]).map(|o| canonical(&parse_fields(&o)));
+    let guestinfo = run(&["guestinfo", d]).map(|o| canonical(&login_times_checked(parse_fields(&o), boot)));
     let categories = CATEGORIES.iter().map(|c| (*c, run(&["guestinfo", d, c]).map(|_| ()))).collect();
     let before = now_s();
     let time_offset = run(&["domtime", d]).and_then(|o| {
@@ -182,17 +231,29 @@ fn row_diffs(what: &str, ours: &[Vec<String>], theirs: &[Vec<String>]) -> Vec<St
     d
 }
 
-/// The differences between two guestinfo field maps, one line each.
+/// The differences between two guestinfo field maps, one line each; a category (`fs`, `if`,
+/// ...) that one side lacks altogether is one line.
 fn field_diffs(ours: &BTreeMap<String, String>, theirs: &BTreeMap<String, String>) -> Vec<String> {
+    let category = |k: &str| k.split('.').next().unwrap_or_default().to_string();
+    let has = |m: &BTreeMap<String, String>, c: &str| m.keys().any(|k| category(k) == c);
     let mut d = Vec::new();
-    for (k, v) in ours {
+    let mut whole = std::collections::BTreeSet::new();
+    for (side, m, other) in [("vssd", ours, theirs), ("qemu-ga", theirs, ours)] {
+        for c in m.keys().map(|k| category(k)) {
+            if !has(other, &c) && whole.insert(c.clone()) {
+                let n = m.keys().filter(|k| category(k) == c).count();
+                d.push(format!("guestinfo: {c}.*: only with {side} ({n} fields)"));
+            }
+        }
+    }
+    for (k, v) in ours.iter().filter(|(k, _)| !whole.contains(&category(k))) {
         match theirs.get(k) {
             None => d.push(format!("guestinfo: {k}: only with vssd ({v})")),
             Some(t) if t != v => d.push(format!("guestinfo: {k}: vssd {v:?}, qemu-ga {t:?}")),
             Some(_) => {}
         }
     }
-    for (k, t) in theirs.iter().filter(|(k, _)| !ours.contains_key(*k)) {
+    for (k, t) in theirs.iter().filter(|(k, _)| !whole.contains(&category(k)) && !ours.contains_key(*k)) {
         d.push(format!("guestinfo: {k}: only with qemu-ga ({t})"));
     }
     d
@@ -259,4 +320,50 @@ fn virsh_agent_commands_show_the_same_with_vssd_as_with_qemu_ga() {
         diffs.len(),
         diffs.join("\n")
     );
+}
+
+fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[test]
+fn canonical_guestinfo_ignores_the_order_of_numbered_entries() {
+    let a = fields(&[
+        ("fs.count", "2"),
+        ("fs.0.name", "vdb1"),
+        ("fs.0.disk.0.alias", "vdb"),
+        ("fs.1.name", "vda1"),
+        ("fs.1.disk.0.alias", "vda"),
+    ]);
+    let b = fields(&[
+        ("fs.count", "2"),
+        ("fs.0.name", "vda1"),
+        ("fs.0.disk.0.alias", "vda"),
+        ("fs.1.name", "vdb1"),
+        ("fs.1.disk.0.alias", "vdb"),
+    ]);
+    assert_eq!(canonical(&a), canonical(&b));
+    assert_eq!(canonical(&a).get("fs.0.disk.0.alias").map(String::as_str), Some("vda"));
+    let c = fields(&[("fs.count", "2"), ("fs.0.name", "vda1"), ("fs.1.name", "vdb2")]);
+    assert_ne!(canonical(&a), canonical(&c));
+}
+
+#[test]
+fn field_diffs_name_each_differing_field_and_a_missing_category_once() {
+    let ours = canonical(&fields(&[("hostname", "vmtest"), ("os.id", "debian")]));
+    let theirs =
+        canonical(&fields(&[("hostname", "other"), ("os.id", "debian"), ("fs.count", "1"), ("fs.0.name", "vda1")]));
+    assert_eq!(
+        field_diffs(&ours, &theirs),
+        ["guestinfo: fs.*: only with qemu-ga (2 fields)", "guestinfo: hostname: vssd \"vmtest\", qemu-ga \"other\""]
+    );
+}
+
+#[test]
+fn a_login_time_counts_as_the_same_only_within_its_boot() {
+    let f = fields(&[("user.0.login-time", "1000000"), ("user.1.login-time", "9000000"), ("user.0.name", "vmtest")]);
+    let checked = login_times_checked(f, (990_000, 1_010_000));
+    assert_eq!(checked[0].1, "(during this boot)");
+    assert_eq!(checked[1].1, "9000000");
+    assert_eq!(checked[2].1, "vmtest");
 }
