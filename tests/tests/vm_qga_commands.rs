@@ -181,15 +181,26 @@ fn vssds_platform_commands_answer_as_qemu_ga_does_in_the_same_guest() {
     diffs.extend(d.into_iter().map(|d| format!("guest-info: {d}")));
     assert!(iv["return"]["version"].is_string(), "{iv}");
 
-    // guest-fstrim: refused while vssd holds a freeze (as qemu-ga does while it holds one)...
-    let f = ask(&mut v, "vssd-freeze", Some(json!({"deadline": 30})));
+    // While frozen, each agent by its own freeze (qemu-ga one filesystem, vssd all it can):
+    // guest-info shows the same commands disabled, and guest-fstrim is refused alike...
+    let f = ask(&mut q, "guest-fsfreeze-freeze-list", Some(json!({"mountpoints": ["/data/e3"]})));
+    assert_eq!(f["return"], 1, "qemu-ga froze /data/e3: {f}");
+    let q_info = ask(&mut q, "guest-info", None);
+    let q_trim = ask(&mut q, "guest-fstrim", None);
+    let thaw = ask(&mut q, "guest-fsfreeze-thaw", None);
+    assert_eq!(thaw["return"], 1, "{thaw}");
+    assert_eq!(q_trim, frozen_refusal("guest-fstrim"), "qemu-ga's guest-fstrim while frozen");
+    let f = ask(&mut v, "vssd-freeze", Some(json!({"deadline": 20})));
     assert_eq!(f["return"]["frozen"], 4, "{f}");
-    let r = ask(&mut v, "guest-fstrim", None);
+    let v_info = ask(&mut v, "guest-info", None);
+    let v_trim = ask(&mut v, "guest-fstrim", None);
     let thaw = ask(&mut v, "guest-fsfreeze-thaw", None);
     assert_eq!(thaw["return"], 4, "{thaw}");
-    if r != frozen_refusal("guest-fstrim") {
-        diffs.push(format!("guest-fstrim while frozen: vssd {r}, qemu-ga {}", frozen_refusal("guest-fstrim")));
+    if v_trim != q_trim {
+        diffs.push(format!("guest-fstrim while frozen: vssd {v_trim}, qemu-ga {q_trim}"));
     }
+    let d = Compare::default().diff(&listed(&v_info["return"], NATIVE), &listed(&q_info["return"], NATIVE));
+    diffs.extend(d.into_iter().map(|d| format!("guest-info while frozen: {d}")));
     // ...and otherwise trims what qemu-ga trims, with the same report (how much each trim
     // freed depends on what the one before freed).
     let rq = ask(&mut q, "guest-fstrim", None);
@@ -243,7 +254,7 @@ fn guest_shutdown_is_refused_while_frozen_and_then_powers_the_guest_off() {
     let mut g = vm.agent();
 
     // Frozen: refused, and the freeze stays (shutdown thaws nothing by itself).
-    let f = ask(&mut g, "vssd-freeze", Some(json!({"deadline": 30})));
+    let f = ask(&mut g, "vssd-freeze", Some(json!({"deadline": 20})));
     assert_eq!(f["return"]["frozen"], 4, "{f}");
     assert_eq!(ask(&mut g, "guest-shutdown", None), frozen_refusal("guest-shutdown"));
     std::thread::sleep(Duration::from_secs(1));
