@@ -85,6 +85,15 @@ const NATIVE: &[&str] = &[
     "guest-fsfreeze-thaw",
 ];
 
+/// The differences between two replies: of their `return` members when both succeeded (the
+/// rules' paths start there), else of the whole replies (an error where the other returned).
+fn diff_replies(rules: &Compare, vssd: &Value, qemu_ga: &Value) -> Vec<String> {
+    match (vssd.get("return"), qemu_ga.get("return")) {
+        (Some(a), Some(b)) => rules.diff(a, b),
+        _ => rules.diff(vssd, qemu_ga),
+    }
+}
+
 /// Resynchronises, then sends `cmd` and returns the whole reply (`return` or `error`).
 fn ask(c: &mut QgaClient, cmd: &str, args: Option<Value>) -> Value {
     c.sync().unwrap_or_else(|e| panic!("sync before {cmd}: {}", chain(&e)));
@@ -162,7 +171,7 @@ fn vssds_platform_commands_answer_as_qemu_ga_does_in_the_same_guest() {
         assert!(rq.get("return").is_some(), "qemu-ga in the guest refused {}: {rq}", c.command);
         check_guest(c.command, &rq);
         replies.push_str(&format!("{}:\n  qemu-ga {rq}\n  vssd    {rv}\n", c.command));
-        diffs.extend(c.rules.diff(&rv, &rq).into_iter().map(|d| format!("{}: {d}", c.command)));
+        diffs.extend(diff_replies(&c.rules, &rv, &rq).into_iter().map(|d| format!("{}: {d}", c.command)));
     }
 
     // guest-info: the same entries for the commands both implement; vssd may list more.
@@ -172,22 +181,33 @@ fn vssds_platform_commands_answer_as_qemu_ga_does_in_the_same_guest() {
     diffs.extend(d.into_iter().map(|d| format!("guest-info: {d}")));
     assert!(iv["return"]["version"].is_string(), "{iv}");
 
-    // guest-fstrim: refused while vssd holds a freeze (as qemu-ga does while it holds one)...
-    let f = ask(&mut v, "vssd-freeze", Some(json!({"deadline": 30})));
+    // While frozen, each agent by its own freeze (qemu-ga one filesystem, vssd all it can):
+    // guest-info shows the same commands disabled, and guest-fstrim is refused alike...
+    let f = ask(&mut q, "guest-fsfreeze-freeze-list", Some(json!({"mountpoints": ["/data/e3"]})));
+    assert_eq!(f["return"], 1, "qemu-ga froze /data/e3: {f}");
+    let q_info = ask(&mut q, "guest-info", None);
+    let q_trim = ask(&mut q, "guest-fstrim", None);
+    let thaw = ask(&mut q, "guest-fsfreeze-thaw", None);
+    assert_eq!(thaw["return"], 1, "{thaw}");
+    assert_eq!(q_trim, frozen_refusal("guest-fstrim"), "qemu-ga's guest-fstrim while frozen");
+    let f = ask(&mut v, "vssd-freeze", Some(json!({"deadline": 20})));
     assert_eq!(f["return"]["frozen"], 4, "{f}");
-    let r = ask(&mut v, "guest-fstrim", None);
+    let v_info = ask(&mut v, "guest-info", None);
+    let v_trim = ask(&mut v, "guest-fstrim", None);
     let thaw = ask(&mut v, "guest-fsfreeze-thaw", None);
     assert_eq!(thaw["return"], 4, "{thaw}");
-    if r != frozen_refusal("guest-fstrim") {
-        diffs.push(format!("guest-fstrim while frozen: vssd {r}, qemu-ga {}", frozen_refusal("guest-fstrim")));
+    if v_trim != q_trim {
+        diffs.push(format!("guest-fstrim while frozen: vssd {v_trim}, qemu-ga {q_trim}"));
     }
+    let d = Compare::default().diff(&listed(&v_info["return"], NATIVE), &listed(&q_info["return"], NATIVE));
+    diffs.extend(d.into_iter().map(|d| format!("guest-info while frozen: {d}")));
     // ...and otherwise trims what qemu-ga trims, with the same report (how much each trim
     // freed depends on what the one before freed).
     let rq = ask(&mut q, "guest-fstrim", None);
     let rv = ask(&mut v, "guest-fstrim", None);
     replies.push_str(&format!("guest-fstrim:\n  qemu-ga {rq}\n  vssd    {rv}\n"));
     let trim_rules = Compare::default().key("paths", "path").check("paths[].trimmed", Check::Shape);
-    diffs.extend(trim_rules.diff(&rv, &rq).into_iter().map(|d| format!("guest-fstrim: {d}")));
+    diffs.extend(diff_replies(&trim_rules, &rv, &rq).into_iter().map(|d| format!("guest-fstrim: {d}")));
     let trimmed: Vec<&str> = rv["return"]["paths"]
         .as_array()
         .map(|a| a.iter().filter(|p| p.get("error").is_none()).filter_map(|p| p["path"].as_str()).collect())
@@ -234,7 +254,7 @@ fn guest_shutdown_is_refused_while_frozen_and_then_powers_the_guest_off() {
     let mut g = vm.agent();
 
     // Frozen: refused, and the freeze stays (shutdown thaws nothing by itself).
-    let f = ask(&mut g, "vssd-freeze", Some(json!({"deadline": 30})));
+    let f = ask(&mut g, "vssd-freeze", Some(json!({"deadline": 20})));
     assert_eq!(f["return"]["frozen"], 4, "{f}");
     assert_eq!(ask(&mut g, "guest-shutdown", None), frozen_refusal("guest-shutdown"));
     std::thread::sleep(Duration::from_secs(1));
