@@ -9,7 +9,7 @@
 //!   [`Domain`], also when the test panics (the guest's console is printed first). Domains of
 //!   an earlier test process that died are removed before a new one is defined.
 //! - A domain's files (kernel, initrd, data-disk copies, console) are in a 0755 directory under
-//!   /tmp of their own: libvirt's dynamic ownership hands them to its QEMU user
+//!   /tmp/vssd-libvirt-* of their own: libvirt's dynamic ownership hands them to its QEMU user
 //!   (`libvirt-qemu`) and back, and the pristine guest image is never relabelled.
 //! - `<domain type='qemu'>`: TCG, as on CI machines without KVM.
 
@@ -251,7 +251,11 @@ impl<'a> Domain<'a> {
     pub fn define(lv: &'a Libvirtd, suffix: &str, opts: &DomainOpts) -> Domain<'a> {
         let g = guest();
         let name = format!("{PREFIX}{}-{suffix}", std::process::id());
-        let dir = tempfile::Builder::new().prefix(&format!("{name}-")).tempdir_in("/tmp").unwrap().keep();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("vssd-libvirt-{}-{suffix}-", std::process::id()))
+            .tempdir_in("/tmp")
+            .unwrap()
+            .keep();
         // libvirt's QEMU runs as libvirt-qemu: it must reach the files (dynamic_ownership
         // chowns the files themselves, not the directories above them).
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
