@@ -106,7 +106,9 @@ pub struct VmOpts {
     /// Extra kernel command line.
     pub append: String,
     /// A virtio-net NIC on QEMU's user network, MAC [`GUEST_MAC`]: the guest's eth0, up with
-    /// 10.0.2.15/24 and a default route (plus its IPv6 link-local address).
+    /// 10.0.2.15/24 and a default route, an IPv6 link-local address and the global one QEMU's
+    /// router advertisement gives (fec0::/64); [`TestVm::boot`] returns once it is there, so
+    /// that the addresses do not change under a test.
     pub nic: bool,
     /// A second agent port, [`QGA1_PORT`], served by a real qemu-ga in the guest (whatever
     /// `agent` serves the first one); reach it with [`TestVm::qemu_ga`].
@@ -260,6 +262,15 @@ impl TestVm {
         let t0 = Instant::now();
         vm.vmctl(&["start", name]).expect_code(0, "vmctl start");
         vm.wait_ready(Duration::from_secs(90));
+        if opts.nic {
+            // /proc/net/if_inet6: address, index, prefix length, scope (00: global), flags, name.
+            let (code, out) = vm.shell(
+                "i=0; until awk '$6 == \"eth0\" && $4 == \"00\" {f=1} END {exit !f}' /proc/net/if_inet6; do \
+                 [ $i -lt 100 ] || { cat /proc/net/if_inet6; exit 1; }; i=$((i + 1)); sleep 0.1; done",
+                Duration::from_secs(30),
+            );
+            assert_eq!(code, 0, "eth0 got no global IPv6 address from QEMU's user network within 10 s:\n{out}");
+        }
         reap_qemus();
         eprintln!("[vm] {name} booted in {:.1} s", t0.elapsed().as_secs_f64());
         vm
