@@ -21,6 +21,7 @@ pkgs=(
   util-linux kmod                  # losetup, mount, fsfreeze, unshare; modprobe
   qemu-guest-agent                 # the peer we compare with (run only scoped, never as a service)
   qemu-system-x86 qemu-utils       # the VM tier and vmctl: a real guest under QEMU (TCG here)
+  libvirt-daemon-system libvirt-clients  # vm_libvirt: virsh against the agents (QEMU driver comes as a dependency)
   busybox-static cpio fdisk        # the guest image: busybox initramfs, partitioned data disk
   dosfstools sqlite3               # vfat in the guest (cannot-freeze), SQLite checks of backups
   python3                          # appvss's Python example (appvss/tests/python.rs)
@@ -38,6 +39,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 systemctl stop qemu-guest-agent.service 2>/dev/null || true
+# libvirtd may run as a service (systemd starts it on install) or not (no systemd: the libvirt
+# test starts virtlogd and libvirtd itself, and stops them after). Its QEMU runs as libvirt-qemu
+# (group kvm); without udev (a container) /dev/kvm stays root's alone, and libvirtd then finds
+# KVM "enabled when probed, not available now" and probes QEMU again for nearly every command
+# (about 30 s each). udev's rule on any other Debian: group kvm, mode 0660.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$(stat -c %G:%a /dev/kvm)" != kvm:660 ]; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
 modprobe loop 2>/dev/null || true
 [ -e /dev/loop-control ] || { echo "setup.sh: no /dev/loop-control: the loop driver is missing" >&2; exit 1; }
 modprobe fuse 2>/dev/null || true

@@ -5,7 +5,10 @@
 #   vmlinuz          Debian's kernel (the package linux-image-amd64 depends on)
 #   initrd.img       busybox-static initramfs: tests/guest/init as PID 1, the kernel modules it
 #                    needs (dependency order), a static vssd, the plain writer (writer.rs,
-#                    static), qemu-ga and sqlite3 with the shared libraries they need (ldd)
+#                    static), qemu-ga and sqlite3 with the shared libraries they need (ldd),
+#                    /sbin/shutdown (tests/guest/shutdown), and the files an installed system
+#                    has: /etc/hostname (vmtest), /etc/os-release (this host's, Debian's),
+#                    /etc/localtime (Europe/Berlin, from tzdata), /var/run -> /run
 #   data.qcow2       the first data disk: p1 ext4 "db" (128 MiB), p2 xfs "logs" (320 MiB)
 #   data2.qcow2      the second: p1 ext4 "e3", p2 ext4 "e4" (64 MiB each), p3 vfat "efi" (32 MiB)
 #   guest.env        what was built (paths, kernel version), for scripts
@@ -33,7 +36,7 @@ die() { echo "guest: error: $*" >&2; exit 1; }
 
 if [ "${1:-}" = --install ]; then
   pkgs=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs xfsprogs dosfstools fdisk
-        qemu-guest-agent sqlite3)
+        qemu-guest-agent sqlite3 tzdata)
   missing=()
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -124,10 +127,21 @@ fi
 # The initramfs.
 stage=$out/work/stage
 rm -rf "$stage"
-mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,run,tmp,data,lib/modules,lib64}
+mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,run,tmp,data,lib/modules,lib64,var}
 cp "$busybox" "$stage/bin/busybox"
 ln -s busybox "$stage/bin/sh"
+ln -s ../run "$stage/var/run"
 install -m 0755 "$here/init" "$stage/init"
+# Before init's `busybox --install -s`, which leaves existing files alone.
+install -m 0755 "$here/shutdown" "$stage/sbin/shutdown"
+echo vmtest >"$stage/etc/hostname"
+os_release=$(readlink -f /etc/os-release)
+[ -f "$os_release" ] || die "this host has no /etc/os-release"
+install -m 0644 "$os_release" "$stage/etc/os-release"
+zone=Europe/Berlin
+[ -f "/usr/share/zoneinfo/$zone" ] || die "/usr/share/zoneinfo/$zone is missing: apt-get install tzdata (or build.sh --install)"
+install -m 0644 "/usr/share/zoneinfo/$zone" "$stage/etc/localtime"
+echo "$zone" >"$stage/etc/timezone"
 install -m 0755 "$vssd" "$stage/usr/bin/vssd"
 install -m 0755 "$writer" "$stage/usr/bin/vm-writer"
 [ -n "$sqlite_writer" ] && install -m 0755 "$sqlite_writer" "$stage/usr/bin/sqlite_writer"
@@ -135,7 +149,7 @@ install -m 0755 "$writer" "$stage/usr/bin/vm-writer"
 
 # Modules and everything they depend on, in the order modprobe would load them.
 mods=(virtio_pci virtio_blk virtio_console virtio_rng ext4 xfs vfat nls_cp437 nls_ascii nls_utf8
-      loop vsock vmw_vsock_virtio_transport vsock_loopback button evdev)
+      loop vsock vmw_vsock_virtio_transport vsock_loopback button evdev virtio_net)
 : >"$stage/etc/modules.list"
 declare -A seen=()
 for m in "${mods[@]}"; do

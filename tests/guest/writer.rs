@@ -15,6 +15,10 @@
 //! lines whose payload is derived from N, so a torn or stale line is detectable.
 //!
 //! Usage: `vm-writer NAME DIR [INTERVAL_MS]` (default 5 ms between records).
+//!
+//! A second mode, `vm-writer --utmp FILE USER LINE HOST`, appends one login record (glibc's
+//! `struct utmp` of x86_64, `USER_PROCESS`, logged in now) to FILE: the guest has no login
+//! program, and the agents' `guest-get-users` reads `/var/run/utmp`.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -30,8 +34,51 @@ fn payload(n: u64) -> String {
     format!("{a:016x}{:016x}", a.rotate_left(17) ^ n)
 }
 
+/// glibc's `struct utmp` on x86_64: 384 bytes (see <utmp.h>, <bits/utmp.h>).
+const UTMP_SIZE: usize = 384;
+/// `ut_type` of a logged-in user.
+const USER_PROCESS: i16 = 7;
+
+/// One `USER_PROCESS` record: `user` on `line` from `host`, process `pid`, logged in at
+/// `secs`.`usecs` (Unix time).
+fn utmp_record(user: &str, line: &str, host: &str, pid: i32, secs: i32, usecs: i32) -> Vec<u8> {
+    let mut r = vec![0u8; UTMP_SIZE];
+    let mut put =
+        |off: usize, len: usize, s: &[u8]| r[off..off + s.len().min(len)].copy_from_slice(&s[..s.len().min(len)]);
+    put(0, 2, &USER_PROCESS.to_ne_bytes()); // ut_type (+ 2 bytes of padding)
+    put(4, 4, &pid.to_ne_bytes()); // ut_pid
+    put(8, 32, line.as_bytes()); // ut_line
+                                 // ut_id: the line's last 4 characters, as login does.
+    put(40, 4, line.as_bytes()[line.len().saturating_sub(4)..].as_ref());
+    put(44, 32, user.as_bytes()); // ut_user
+    put(76, 256, host.as_bytes()); // ut_host
+                                   // 332 ut_exit (2 x i16), 336 ut_session (i32): zero.
+    put(340, 4, &secs.to_ne_bytes()); // ut_tv.tv_sec (i32 on x86_64, for 32-bit compatibility)
+    put(344, 4, &usecs.to_ne_bytes()); // ut_tv.tv_usec
+                                       // 348 ut_addr_v6 (4 x i32), 364 reserved (20 bytes): zero.
+    r
+}
+
+fn write_utmp(args: &[String]) {
+    let [file, user, line, host] = args else {
+        eprintln!("usage: vm-writer --utmp FILE USER LINE HOST");
+        std::process::exit(2);
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let rec = utmp_record(user, line, host, 1, now.as_secs() as i32, now.subsec_micros() as i32);
+    let r = OpenOptions::new().create(true).append(true).open(file).and_then(|mut f| f.write_all(&rec));
+    if let Err(e) = r {
+        eprintln!("vm-writer --utmp: {file}: {e}");
+        std::process::exit(1);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--utmp") {
+        write_utmp(&args[2..]);
+        return;
+    }
     if args.len() < 3 {
         eprintln!("usage: vm-writer NAME DIR [INTERVAL_MS]");
         std::process::exit(2);

@@ -6,6 +6,7 @@
 //! - [`vssd`]: a vssd scoped to one sandbox, and `vssctl`;
 //! - [`qemu_ga`]: a qemu-ga that sees only its sandbox;
 //! - [`qga`]: the workspace's one QGA client (`qga-wire`) and the tests' assertions on top;
+//! - [`compare`]: the differences between two agents' replies, as paths;
 //! - [`report`]: reading vssd's JSON reports;
 //! - [`vm`]: the VM tier's guest under QEMU.
 //!
@@ -29,6 +30,8 @@
 pub use serde_json::{json, Value};
 
 pub mod cmd;
+pub mod compare;
+pub mod libvirt;
 pub mod probe;
 pub mod qemu_ga;
 pub mod qga;

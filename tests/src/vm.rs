@@ -105,7 +105,25 @@ pub struct VmOpts {
     pub agent_channel: bool,
     /// Extra kernel command line.
     pub append: String,
+    /// A virtio-net NIC on QEMU's user network, MAC [`GUEST_MAC`]: the guest's eth0, up with
+    /// 10.0.2.15/24 and a default route, an IPv6 link-local address and the global one QEMU's
+    /// router advertisement gives (fec0::/64); [`TestVm::boot`] returns once it is there, so
+    /// that the addresses do not change under a test.
+    pub nic: bool,
+    /// A second agent port, [`QGA1_PORT`], served by a real qemu-ga in the guest (whatever
+    /// `agent` serves the first one); reach it with [`TestVm::qemu_ga`].
+    pub qemu_ga_port: bool,
+    /// Each data disk gets the serial `vmtest-NAME` (`data`, `data2`), and the guest's init
+    /// writes it to udev's database as udev would (`ID_SERIAL`), where both agents read it.
+    pub serials: bool,
 }
+
+/// The MAC address of the guest's NIC ([`VmOpts::nic`]).
+pub const GUEST_MAC: &str = "52:54:00:76:6d:74";
+/// The guest's IPv4 address on its NIC (QEMU's user network).
+pub const GUEST_IPV4: &str = "10.0.2.15";
+/// The name of the second agent port ([`VmOpts::qemu_ga_port`]).
+pub const QGA1_PORT: &str = "org.qemu.guest_agent.1";
 
 impl Default for VmOpts {
     fn default() -> Self {
@@ -117,6 +135,9 @@ impl Default for VmOpts {
             memory_mib: 512,
             agent_channel: true,
             append: String::new(),
+            nic: false,
+            qemu_ga_port: false,
+            serials: false,
         }
     }
 }
@@ -222,10 +243,34 @@ impl TestVm {
         if !opts.agent_channel {
             args.push("--no-agent".into());
         }
+        if opts.nic {
+            for a in ["-netdev", "user,id=net0", "-device", &format!("virtio-net-pci,netdev=net0,mac={GUEST_MAC}")] {
+                args.push(format!("--qemu-arg={a}"));
+            }
+        }
+        if opts.serials {
+            for (n, _) in &g.disks {
+                args.push("--qemu-arg=-set".into());
+                args.push(format!("--qemu-arg=device.vd-{n}.serial=vmtest-{n}"));
+            }
+        }
+        if opts.qemu_ga_port {
+            args.push("--port".into());
+            args.push(format!("{QGA1_PORT}=socket"));
+        }
         vm.vmctl(&args).expect_code(0, "vmctl create");
         let t0 = Instant::now();
         vm.vmctl(&["start", name]).expect_code(0, "vmctl start");
         vm.wait_ready(Duration::from_secs(90));
+        if opts.nic {
+            // /proc/net/if_inet6: address, index, prefix length, scope (00: global), flags, name.
+            let (code, out) = vm.shell(
+                "i=0; until awk '$6 == \"eth0\" && $4 == \"00\" {f=1} END {exit !f}' /proc/net/if_inet6; do \
+                 [ $i -lt 100 ] || { cat /proc/net/if_inet6; exit 1; }; i=$((i + 1)); sleep 0.1; done",
+                Duration::from_secs(30),
+            );
+            assert_eq!(code, 0, "eth0 got no global IPv6 address from QEMU's user network within 10 s:\n{out}");
+        }
         reap_qemus();
         eprintln!("[vm] {name} booted in {:.1} s", t0.elapsed().as_secs_f64());
         vm
@@ -254,6 +299,22 @@ impl TestVm {
     /// The agent channel's host socket.
     pub fn agent_path(&self) -> PathBuf {
         self.dir().join("agent.sock")
+    }
+
+    /// The host socket of the second agent port ([`VmOpts::qemu_ga_port`]).
+    pub fn qemu_ga_path(&self) -> PathBuf {
+        self.dir().join(format!("port-{QGA1_PORT}.sock"))
+    }
+
+    /// A QGA client of the agent on org.qemu.guest_agent.0 ([`TestVm::agent_path`]), in sync.
+    pub fn agent(&self) -> crate::QgaClient {
+        connect_agent(&self.agent_path())
+    }
+
+    /// A QGA client of the guest's qemu-ga on the second agent port ([`VmOpts::qemu_ga_port`]),
+    /// in sync (it may take a few seconds after "ready" to start).
+    pub fn qemu_ga(&self) -> crate::QgaClient {
+        connect_agent(&self.qemu_ga_path())
     }
 
     /// The default backup directory.
@@ -432,7 +493,7 @@ impl Drop for TestVm {
             eprintln!("--- guest console ({}):\n{}--- end of console", self.name, self.console());
             if self.pid().is_some() {
                 match self.try_shell(
-                    "tail -n 40 /run/vssd.log /run/qemu-ga.log /run/writer.log /run/sqlite.log 2>/dev/null",
+                    "tail -n 40 /run/vssd.log /run/qemu-ga.log /run/qemu-ga1.log /run/writer.log /run/sqlite.log 2>/dev/null",
                     Duration::from_secs(5),
                 ) {
                     Ok((_, log)) => eprintln!("--- guest logs:\n{log}--- end of guest logs"),
@@ -457,6 +518,16 @@ impl Drop for TestVm {
             eprintln!("[vm] kept {}", self.root.display());
         }
     }
+}
+
+/// Connects to an agent's host socket and syncs (up to 30 s: the agent may still be starting).
+fn connect_agent(path: &Path) -> crate::QgaClient {
+    let mut c = crate::QgaClient::connect(path)
+        .unwrap_or_else(|e| panic!("agent socket {}: {}", path.display(), crate::chain(&e)));
+    c.sync_timeout = Duration::from_secs(30);
+    c.sync().unwrap_or_else(|e| panic!("agent on {}: {}", path.display(), crate::chain(&e)));
+    c.sync_timeout = Duration::from_secs(5);
+    c
 }
 
 /// The `.partial-*` directories (backups in progress, or left by a vmctl that died) in `dir`.
