@@ -15,8 +15,28 @@ use crate::cmd::{stop_child, wait_for_socket};
 use crate::qga::{check_guard, QgaClient};
 use crate::sandbox::Sandbox;
 
+/// What qemu-ga is never allowed to do here: freeze every filesystem it sees, and anything
+/// that acts on this machine itself (power, clock, CPUs and memory, trim of the busy root it
+/// sees at `/`, programs, files, passwords, keys).
+pub const BLOCKED: &[&str] = &[
+    "guest-fsfreeze-freeze",
+    "guest-shutdown",
+    "guest-suspend-disk",
+    "guest-suspend-ram",
+    "guest-suspend-hybrid",
+    "guest-fstrim",
+    "guest-set-time",
+    "guest-set-vcpus",
+    "guest-set-memory-blocks",
+    "guest-set-user-password",
+    "guest-ssh-add-authorized-keys",
+    "guest-ssh-remove-authorized-keys",
+    "guest-exec",
+    "guest-file-open",
+];
+
 /// A qemu-ga on a unix socket of the sandbox, in a mount namespace of its own.
-/// `guest-fsfreeze-freeze` (all filesystems) is blocked with `-b`, and its clients refuse
+/// every command of [`BLOCKED`] is blocked with `-b`, and its clients refuse
 /// freeze-lists outside the sandbox's scope.
 pub struct QemuGa<'a> {
     sb: &'a Sandbox,
@@ -26,7 +46,7 @@ pub struct QemuGa<'a> {
 }
 
 impl<'a> QemuGa<'a> {
-    /// Starts `qemu-ga -m unix-listen -p SOCK -t STATEDIR -f PIDFILE -b guest-fsfreeze-freeze`
+    /// Starts `qemu-ga -m unix-listen -p SOCK -t STATEDIR -f PIDFILE -b BLOCKED`
     /// in a private mount namespace that sees `/` (without its submounts), `/proc`, `/dev`
     /// and the sandbox's `mnt/` and `outside/` mounts at their usual paths, and nothing else:
     /// qemu-ga's `guest-fsfreeze-thaw` thaws every filesystem it sees, and must not thaw what
@@ -72,7 +92,7 @@ exec "$@"
             .arg("-f")
             .arg(root.join("qemu-ga.pid"))
             .arg("-b")
-            .arg("guest-fsfreeze-freeze")
+            .arg(BLOCKED.join(","))
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf);

@@ -2,7 +2,7 @@
 //! the same requests must get the same kinds of replies and the same values.
 //!
 //! qemu-ga runs in a mount namespace of its own that sees only its sandbox's mounts (see
-//! `QemuGa::start`), is started with `guest-fsfreeze-freeze` blocked, and is only ever given
+//! `QemuGa::start`), is started with `guest-fsfreeze-freeze` and the commands that act on the machine blocked, and is only ever given
 //! `guest-fsfreeze-freeze-list` with the sandbox's mountpoints.
 
 use std::path::Path;
