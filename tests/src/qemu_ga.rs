@@ -35,6 +35,9 @@ pub const BLOCKED: &[&str] = &[
     "guest-file-open",
 ];
 
+/// Also blocked for a [`QemuGa::start_read_only`]: it is never to freeze or thaw anything.
+const ALSO_BLOCKED_READ_ONLY: &[&str] = &["guest-fsfreeze-freeze-list", "guest-fsfreeze-thaw"];
+
 /// A qemu-ga on a unix socket of the sandbox, in a mount namespace of its own.
 /// every command of [`BLOCKED`] is blocked with `-b`, and its clients refuse
 /// freeze-lists outside the sandbox's scope.
@@ -43,6 +46,7 @@ pub struct QemuGa<'a> {
     child: Option<Child>,
     socket: PathBuf,
     log: PathBuf,
+    read_only: bool,
 }
 
 impl<'a> QemuGa<'a> {
@@ -52,6 +56,16 @@ impl<'a> QemuGa<'a> {
     /// qemu-ga's `guest-fsfreeze-thaw` thaws every filesystem it sees, and must not thaw what
     /// others froze. Make every mount of the test before starting it.
     pub fn start(sb: &'a Sandbox) -> QemuGa<'a> {
+        Self::spawn(sb, BLOCKED.to_vec(), false)
+    }
+
+    /// The same, for tests that only read (guest-get-fsinfo, guest-get-disks): its freeze-list
+    /// and thaw are blocked too, and its clients refuse to send a freeze or a trim.
+    pub fn start_read_only(sb: &'a Sandbox) -> QemuGa<'a> {
+        Self::spawn(sb, [BLOCKED, ALSO_BLOCKED_READ_ONLY].concat(), true)
+    }
+
+    fn spawn(sb: &'a Sandbox, blocked: Vec<&str>, read_only: bool) -> QemuGa<'a> {
         let qga = Path::new("/usr/sbin/qemu-ga");
         assert!(
             qga.is_file(),
@@ -71,6 +85,7 @@ new="$root/ns"
 mount --bind / "$new"
 mount -t proc proc "$new/proc"
 mount --bind /dev "$new/dev"
+mount --bind /sys "$new/sys"
 mount --rbind "$root/mnt" "$new$root/mnt"
 mount --rbind "$root/outside" "$new$root/outside"
 cd "$new"
@@ -92,7 +107,7 @@ exec "$@"
             .arg("-f")
             .arg(root.join("qemu-ga.pid"))
             .arg("-b")
-            .arg(BLOCKED.join(","))
+            .arg(blocked.join(","))
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf);
@@ -100,13 +115,17 @@ exec "$@"
         wait_for_socket(&socket, &mut child, Duration::from_secs(20), &log);
         // qemu-ga serves one client at a time; let it notice the probe connection went away.
         thread::sleep(Duration::from_millis(200));
-        QemuGa { sb, child: Some(child), socket, log }
+        QemuGa { sb, child: Some(child), socket, log, read_only }
+    }
+
+    /// Its mount table: the mountinfo of its namespace, for a vssd that must see the same.
+    pub fn mountinfo_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/mountinfo", self.child.as_ref().unwrap().id()))
     }
 
     /// The mounts qemu-ga sees (its namespace's mountinfo).
     pub fn mounts(&self) -> Vec<kmod_shim::mountinfo::Mount> {
-        let pid = self.child.as_ref().unwrap().id();
-        kmod_shim::mountinfo::read(Path::new(&format!("/proc/{pid}/mountinfo"))).expect("qemu-ga mountinfo")
+        kmod_shim::mountinfo::read(&self.mountinfo_path()).expect("qemu-ga mountinfo")
     }
 
     /// A guarded connection (freeze requests limited to the sandbox's scope).
@@ -116,7 +135,18 @@ exec "$@"
             match QgaClient::connect(&self.socket) {
                 Ok(c) => {
                     let scope = self.sb.scope();
-                    return c.inspect_sends(move |b| check_guard(&scope, b));
+                    let read_only = self.read_only;
+                    return c.inspect_sends(move |b| {
+                        check_guard(&scope, b);
+                        if read_only {
+                            for word in [&b"fsfreeze-freeze"[..], b"fstrim"] {
+                                assert!(
+                                    !b.windows(word.len()).any(|w| w == word),
+                                    "guard: a read-only qemu-ga gets no freeze nor trim"
+                                );
+                            }
+                        }
+                    });
                 }
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;

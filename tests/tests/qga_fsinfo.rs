@@ -9,104 +9,9 @@
 //! sandbox's lines alone.
 
 use std::fs;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
 
 use tests::*;
-
-/// Everything that could change this machine, and `guest-fstrim` (qemu-ga's namespace sees `/`).
-const BLOCKED: &str = "guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fsfreeze-thaw,guest-shutdown,\
-guest-suspend-disk,guest-suspend-ram,guest-suspend-hybrid,guest-fstrim,guest-set-time,guest-set-vcpus,\
-guest-set-memory-blocks,guest-set-user-password,guest-ssh-add-authorized-keys,guest-ssh-remove-authorized-keys,\
-guest-exec,guest-file-open";
-
-/// A qemu-ga that sees `/` (without submounts), `/proc`, `/dev`, `/sys` and the sandbox's `mnt/`, with
-/// [`BLOCKED`] blocked; killed in Drop.
-struct ReadOnlyQemuGa {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl ReadOnlyQemuGa {
-    fn start(sb: &Sandbox) -> ReadOnlyQemuGa {
-        let qga = Path::new("/usr/sbin/qemu-ga");
-        assert!(qga.is_file(), "qemu-ga is missing: run tests/setup.sh (it installs qemu-guest-agent)");
-        let root = sb.root();
-        let socket = root.join("qemu-ga-ro.sock");
-        let state = root.join("qemu-ga-ro-state");
-        for d in [state.clone(), root.join("ns"), root.join("ns-old")] {
-            fs::create_dir_all(&d).unwrap();
-        }
-        let log = root.join("qemu-ga-ro.log");
-        let logf = fs::File::create(&log).unwrap();
-        const SCRIPT: &str = r#"set -e
-root="$1"; shift
-new="$root/ns"
-mount --bind / "$new"
-mount -t proc proc "$new/proc"
-mount --bind /dev "$new/dev"
-mount --bind /sys "$new/sys"
-mount --rbind "$root/mnt" "$new$root/mnt"
-cd "$new"
-pivot_root . ".$root/ns-old"
-cd /
-umount -l "$root/ns-old"
-exec "$@"
-"#;
-        let mut child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c", SCRIPT, "sh"])
-            .arg(root)
-            .arg(qga)
-            .args(["-m", "unix-listen", "-p"])
-            .arg(&socket)
-            .arg("-t")
-            .arg(&state)
-            .arg(format!("--block-rpcs={BLOCKED}"))
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .spawn()
-            .expect("start qemu-ga");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&socket).is_err() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("qemu-ga exited ({st}); log:\n{}", fs::read_to_string(&log).unwrap_or_default());
-            }
-            assert!(Instant::now() < deadline, "qemu-ga did not listen within 20 s");
-            thread::sleep(Duration::from_millis(25));
-        }
-        // qemu-ga serves one client at a time; let it notice the probe connection went away.
-        thread::sleep(Duration::from_millis(200));
-        ReadOnlyQemuGa { child, socket, log }
-    }
-
-    /// Its mount table (the process's own, in its namespace).
-    fn mountinfo(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/mountinfo", self.child.id()))
-    }
-
-    fn client(&self, scope: PathBuf) -> QgaClient {
-        let c = QgaClient::connect(&self.socket).unwrap_or_else(|e| panic!("connect to qemu-ga: {}", chain(&e)));
-        c.inspect_sends(move |b| {
-            check_guard(&scope, b);
-            assert!(!b.windows(6).any(|w| w == b"fstrim"), "guard: no guest-fstrim to qemu-ga");
-        })
-    }
-}
-
-impl Drop for ReadOnlyQemuGa {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("--- qemu-ga log:\n{}", fs::read_to_string(&self.log).unwrap_or_default());
-        }
-    }
-}
 
 /// Every difference between two JSON values, as `path: left != right` lines; `lenient` says
 /// which paths may differ a little (usage of filesystems in use outside the test).
@@ -170,9 +75,9 @@ fn fsinfo_and_disks_match_qemu_ga_key_for_key() {
     let mounts = filesystems(&sb);
     fs::write(mounts[0].join("some-data"), vec![1u8; 1 << 20]).unwrap();
     nix::unistd::sync();
-    let qga = ReadOnlyQemuGa::start(&sb);
-    let vssd = Vssd::builder(&sb).arg("--mountinfo").arg(qga.mountinfo()).start();
-    let mut q = qga.client(sb.scope());
+    let qga = QemuGa::start_read_only(&sb);
+    let vssd = Vssd::builder(&sb).arg("--mountinfo").arg(qga.mountinfo_path()).start();
+    let mut q = qga.client();
     let mut v = vssd.client();
 
     let (qf, vf) = (q.ok("guest-get-fsinfo", None), v.ok("guest-get-fsinfo", None));
