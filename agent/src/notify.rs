@@ -250,7 +250,10 @@ mod tests {
         let now = Instant::now();
         let mut v = view("thawed", 0, None);
         v.last_auto_thaw = Some(AutoThawReason::Deadline);
-        assert_eq!(status_text(&v, Some(0), now), "thawed, no apps registered; last auto-thaw: the freeze deadline passed");
+        assert_eq!(
+            status_text(&v, Some(0), now),
+            "thawed, no apps registered; last auto-thaw: the freeze deadline passed"
+        );
         v.last_auto_thaw = Some(AutoThawReason::ChannelClosed);
         assert!(status_text(&v, None, now).ends_with("; last auto-thaw: the channel that froze went away"));
         v.last_auto_thaw = Some(AutoThawReason::RecoveredAfterCrash);

@@ -207,8 +207,7 @@ impl Agent {
     /// An agent whose freezes include the apps of any coordinator (tests script one).
     pub fn with_coordinator(cfg: Config, kernel: Arc<dyn Kernel>, apps: Option<Arc<dyn AppCoordinator>>) -> Arc<Agent> {
         let marker = Marker::new(cfg.state_dir.join("frozen.json"));
-        let inner =
-            Inner { life: Lifecycle::Thawed, last_auto_thaw: None, notice: None, disconnected: HashSet::new() };
+        let inner = Inner { life: Lifecycle::Thawed, last_auto_thaw: None, notice: None, disconnected: HashSet::new() };
         let (state_tx, _) = tokio::sync::watch::channel(StateView::of(&inner));
         Arc::new(Agent {
             cfg,
