@@ -1,7 +1,7 @@
 //! vssd under a service manager: what it tells systemd over `$NOTIFY_SOCKET`, seen on a
 //! datagram socket the test binds in place of systemd's: READY=1 only once the channel
 //! accepts connections, STATUS= through a real freeze and thaw of loop filesystems and after
-//! an auto-thaw, WATCHDOG=1 at half of WATCHDOG_USEC and none while vssd is stopped
+//! an auto-thaw, WATCHDOG=1 at half of WATCHDOG_USEC (none without it), none while vssd is stopped
 //! (SIGSTOP: a hung vssd must let systemd's watchdog fire), STOPPING=1 on SIGTERM.
 
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -217,8 +217,8 @@ fn watchdog_pings_at_half_the_timeout_and_never_while_vssd_is_stopped() {
     require_root!();
     let sb = Sandbox::new("notify_watchdog");
     let mut systemd = FakeSystemd::bind(&sb);
-    // WATCHDOG_USEC=1 s: a ping every 500 ms.
-    let vssd = Agent::start(&sb, &systemd.path, 10, &[("WATCHDOG_USEC", "1000000")]);
+    // WATCHDOG_USEC=2 s: a ping every second.
+    let vssd = Agent::start(&sb, &systemd.path, 10, &[("WATCHDOG_USEC", "2000000")]);
     systemd.wait_for("READY=1", Duration::from_secs(20), |l| l == "READY=1");
     let pings = |s: &mut FakeSystemd, for_: Duration| -> Vec<Instant> {
         let end = Instant::now() + for_;
@@ -233,25 +233,26 @@ fn watchdog_pings_at_half_the_timeout_and_never_while_vssd_is_stopped() {
         }
         at
     };
-    let at = pings(&mut systemd, Duration::from_secs(3));
-    assert!((5..=7).contains(&at.len()), "3 s at one ping per 500 ms: {} pings", at.len());
-    for w in at.windows(2) {
-        let gap = w[1] - w[0];
-        assert!(
-            gap >= Duration::from_millis(350) && gap <= Duration::from_millis(700),
-            "pings about WATCHDOG_USEC/2 apart: {gap:?}"
-        );
-    }
+    let at = pings(&mut systemd, Duration::from_secs(5));
+    assert!((4..=7).contains(&at.len()), "5 s at one ping per second: {} pings", at.len());
+    let mean = (at[at.len() - 1] - at[0]) / (at.len() as u32 - 1);
+    assert!(
+        mean >= Duration::from_millis(850) && mean <= Duration::from_millis(1250),
+        "pings WATCHDOG_USEC/2 apart on average: {mean:?}"
+    );
+    // What systemd needs: never a gap as long as the timeout (slack for a loaded machine).
+    let longest = at.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(longest < Duration::from_millis(1700), "a gap of {longest:?} between pings");
 
-    // Stopped: no runtime runs, so no ping (systemd's watchdog would fire after 1 s).
+    // Stopped: no runtime runs, so no ping (systemd's watchdog fires after 2 s).
     vssd.signal(Signal::SIGSTOP);
     // A ping already on its way may still arrive.
     let _ = pings(&mut systemd, Duration::from_millis(100));
-    let while_stopped = pings(&mut systemd, Duration::from_secs(2));
+    let while_stopped = pings(&mut systemd, Duration::from_secs(3));
     assert!(while_stopped.is_empty(), "{} pings while vssd was stopped", while_stopped.len());
     vssd.signal(Signal::SIGCONT);
-    let resumed = pings(&mut systemd, Duration::from_secs(2));
-    assert!(resumed.len() >= 3, "pings resume after SIGCONT: {}", resumed.len());
+    let resumed = pings(&mut systemd, Duration::from_millis(2500));
+    assert!(resumed.len() >= 2, "pings resume after SIGCONT: {}", resumed.len());
 }
 
 #[test]
