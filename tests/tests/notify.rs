@@ -270,3 +270,28 @@ fn no_watchdog_pings_unless_systemd_asks_for_them() {
         systemd.texts()
     );
 }
+
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn thawed_status_counts_the_registered_apps() {
+    use std::io::{BufRead, BufReader, Write};
+    require_root!();
+    let sb = Sandbox::new("notify_apps");
+    let mut systemd = FakeSystemd::bind(&sb);
+    let _vssd = Agent::start(&sb, &systemd.path, 10, &[]);
+    systemd.wait_for("READY=1", Duration::from_secs(20), |l| l == "READY=1");
+    // An app registers (appvss hello) and stays connected.
+    let mut app = UnixStream::connect(sb.app_socket()).expect("connect to the app socket");
+    app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    app.write_all(b"{\"type\":\"hello\",\"id\":1,\"name\":\"notify-test\",\"min_version\":1,\"max_version\":1}\n")
+        .unwrap();
+    let mut welcome = String::new();
+    BufReader::new(app.try_clone().unwrap()).read_line(&mut welcome).unwrap();
+    assert!(welcome.contains("welcome"), "registered: {welcome}");
+    // Registrations are not state changes: STATUS catches up within its 10 s refresh.
+    let s = systemd.status("the app count", Duration::from_secs(15), |s| s != "thawed, no apps registered");
+    assert_eq!(s, "thawed, 1 app registered");
+    drop(app);
+    let s = systemd.status("the app gone", Duration::from_secs(15), |s| s != "thawed, 1 app registered");
+    assert_eq!(s, "thawed, no apps registered");
+}
