@@ -32,7 +32,7 @@ fn debs() -> &'static BTreeMap<String, PathBuf> {
         for line in out.stdout.lines().filter(|l| !l.trim().is_empty()) {
             let p = workspace().join(line.trim());
             assert!(p.is_file(), "build-debs.sh printed {line:?}, which is no file");
-            let name = run("dpkg-deb", &[p.as_os_str(), "--field".as_ref(), "Package".as_ref()]).trim().to_string();
+            let name = field(&p, "Package");
             debs.insert(name, p);
         }
         debs
@@ -57,12 +57,12 @@ fn contents(deb: &Path) -> BTreeMap<String, String> {
 
 /// A control field (`dpkg-deb -f`).
 fn field(deb: &Path, name: &str) -> String {
-    run("dpkg-deb", &[deb.as_os_str(), OsStr::new("--field"), OsStr::new(name)]).trim().to_string()
+    run("dpkg-deb", &[OsStr::new("--field"), deb.as_os_str(), OsStr::new(name)]).trim().to_string()
 }
 
 /// A control member (`dpkg-deb -I DEB NAME`: conffiles, postinst, ...).
 fn control_file(deb: &Path, name: &str) -> String {
-    run("dpkg-deb", &[deb.as_os_str(), OsStr::new("-I"), OsStr::new(name)])
+    run("dpkg-deb", &[OsStr::new("--info"), deb.as_os_str(), OsStr::new(name)])
 }
 
 /// The package's files under a new temporary directory (`dpkg-deb -x`).
@@ -127,8 +127,11 @@ fn vssd_package_installs_the_agent_its_units_rules_and_man_pages() {
     let restart = postinst.find("deb-systemd-invoke restart vssd.service").expect("postinst restarts vssd on upgrade");
     assert!(wait < restart, "postinst restarts vssd before it waited for the thaw:\n{postinst}");
     let prerm = control_file(d, "prerm");
-    assert!(prerm.find("vssd-wait-thawed") < prerm.find("deb-systemd-invoke stop"), "prerm:\n{prerm}");
-    assert!(!prerm.contains("upgrade"), "prerm must not stop vssd on upgrade:\n{prerm}");
+    let wait = prerm.find("vssd-wait-thawed").expect("prerm waits for the thaw");
+    let stop = prerm.find("deb-systemd-invoke stop").expect("prerm stops vssd on removal");
+    assert!(wait < stop, "prerm stops vssd before it waited for the thaw:\n{prerm}");
+    // On upgrade the old vssd keeps serving: only a removal stops it.
+    assert!(prerm.contains("if [ \"$1\" = remove ]"), "prerm must stop vssd only on removal:\n{prerm}");
     control_file(d, "postrm");
 
     // The package ships the tree's units and rules, and binaries that run.
@@ -156,7 +159,10 @@ fn vssd_package_installs_the_agent_its_units_rules_and_man_pages() {
         cmd.arg("--warnings").arg("-l").arg(&p).env("MANWIDTH", "80").env("MAN_KEEP_STDERR", "1");
         let o = run_with_limit(cmd, Duration::from_secs(60));
         o.expect_code(0, page);
-        assert!(o.stderr.trim().is_empty(), "man warns about {page}:\n{}", o.stderr);
+        // As lintian does, typesetting notes that depend on the width are not errors.
+        let warnings: Vec<&str> =
+            o.stderr.lines().filter(|l| !l.trim().is_empty() && !l.contains("adjust line") && !l.contains("break line")).collect();
+        assert!(warnings.is_empty(), "man warns about {page}:\n{}", warnings.join("\n"));
         assert!(o.stdout.contains("NAME"), "{page} has no NAME section:\n{}", o.stdout);
     }
 }
@@ -232,7 +238,7 @@ fn lintian_finds_no_errors_in_the_packages() {
     let paths: Vec<&Path> = debs().values().map(PathBuf::as_path).collect();
     assert_eq!(paths.len(), 3, "{:?}", debs());
     let mut cmd = Command::new("lintian");
-    cmd.args(["--no-tag-display-limit", "--display-info"]).args(&paths);
+    cmd.args(["--tag-display-limit", "0"]).args(&paths);
     let o = run_with_limit(cmd, Duration::from_secs(600));
     // Its warnings and notes are in the test log (--nocapture), for the report.
     eprintln!("lintian:\n{}{}", o.stdout, o.stderr);
