@@ -76,11 +76,14 @@ fn assert_ships(files: &BTreeMap<String, String>, deb: &Path, want: &[(&str, &st
     for (path, mode) in want {
         match files.get(*path) {
             Some(m) => assert_eq!(m, mode, "{} installs {path} with mode {m}, not {mode}", deb.display()),
-            None => panic!("{} does not install {path}; it installs:\n{}", deb.display(), files.keys().cloned().collect::<Vec<_>>().join("\n")),
+            None => panic!(
+                "{} does not install {path}; it installs:\n{}",
+                deb.display(),
+                files.keys().cloned().collect::<Vec<_>>().join("\n")
+            ),
         }
     }
 }
-
 
 #[test]
 #[ignore = "root tier: needs root; tests/run-all.sh runs it"]
@@ -151,7 +154,10 @@ fn vssd_package_installs_the_agent_its_units_rules_and_man_pages() {
     assert!(v.contains(env!("CARGO_PKG_VERSION")), "vssd --version: {v}");
     // vssd reads the packaged configuration as it is.
     let cfg = t.path().join("etc/vssd/vssd.toml");
-    run(t.path().join("usr/sbin/vssd").to_str().unwrap(), &[OsStr::new("--config"), cfg.as_os_str(), OsStr::new("--print-config")]);
+    run(
+        t.path().join("usr/sbin/vssd").to_str().unwrap(),
+        &[OsStr::new("--config"), cfg.as_os_str(), OsStr::new("--print-config")],
+    );
     // The man pages render without a warning from man (groff).
     for page in ["man8/vssd.8.gz", "man8/vssctl.8.gz", "man1/appvss.1.gz", "man5/vssd.toml.5.gz"] {
         let p = t.path().join("usr/share/man").join(page);
@@ -160,8 +166,11 @@ fn vssd_package_installs_the_agent_its_units_rules_and_man_pages() {
         let o = run_with_limit(cmd, Duration::from_secs(60));
         o.expect_code(0, page);
         // As lintian does, typesetting notes that depend on the width are not errors.
-        let warnings: Vec<&str> =
-            o.stderr.lines().filter(|l| !l.trim().is_empty() && !l.contains("adjust line") && !l.contains("break line")).collect();
+        let warnings: Vec<&str> = o
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains("adjust line") && !l.contains("break line"))
+            .collect();
         assert!(warnings.is_empty(), "man warns about {page}:\n{}", warnings.join("\n"));
         assert!(o.stdout.contains("NAME"), "{page} has no NAME section:\n{}", o.stdout);
     }
@@ -179,7 +188,11 @@ fn libappvss_dev_builds_a_c_program_through_pkg_config() {
         .unwrap_or_else(|| panic!("{} has no /usr/lib/<tuple>/libappvss.a: {files:?}", d.display()));
     let r = "-rw-r--r--";
     let pc = format!("/usr/lib/{tuple}/pkgconfig/appvss.pc");
-    assert_ships(&files, d, &[("/usr/include/appvss.h", r), (pc.as_str(), r), ("/usr/share/doc/libappvss-dev/copyright", r)]);
+    assert_ships(
+        &files,
+        d,
+        &[("/usr/include/appvss.h", r), (pc.as_str(), r), ("/usr/share/doc/libappvss-dev/copyright", r)],
+    );
     assert_eq!(field(d, "Section"), "libdevel");
     assert_eq!(field(d, "Multi-Arch"), "same");
     assert_eq!(
@@ -201,7 +214,19 @@ fn libappvss_dev_builds_a_c_program_through_pkg_config() {
     assert!(flags.contains(&"-lappvss"), "pkg-config: {}", o.stdout);
     let include = format!("-I{}", t.path().join("usr/include").display());
     assert!(flags.contains(&include.as_str()), "pkg-config gave no {include}: {}", o.stdout);
-    assert_eq!(run("pkg-config", &["--modversion", "--with-path", t.path().join(format!("usr/lib/{tuple}/pkgconfig")).to_str().unwrap(), "appvss"]).trim(), env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        run(
+            "pkg-config",
+            &[
+                "--modversion",
+                "--with-path",
+                t.path().join(format!("usr/lib/{tuple}/pkgconfig")).to_str().unwrap(),
+                "appvss"
+            ]
+        )
+        .trim(),
+        env!("CARGO_PKG_VERSION")
+    );
     let exe = t.path().join("hold");
     let mut cc = Command::new("cc");
     cc.arg("-o").arg(&exe).arg(workspace().join("appvss/examples/c/hold.c")).args(&flags);
