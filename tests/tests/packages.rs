@@ -150,6 +150,40 @@ fn vssd_package_installs_the_agent_its_units_rules_and_man_pages() {
             "{inside} differs from {source}"
         );
     }
+    // The D-Bus policy is the D-Bus interface's own once it exists (a placeholder before).
+    let policy = workspace().join("packaging/dbus/org.vssd.Agent.conf");
+    if policy.is_file() {
+        assert_eq!(
+            std::fs::read(t.path().join("usr/share/dbus-1/system.d/org.vssd.Agent.conf")).unwrap(),
+            std::fs::read(&policy).unwrap(),
+            "the packaged D-Bus policy is not packaging/dbus/org.vssd.Agent.conf"
+        );
+    }
+    // udev starts vssd for each of its channels. For the guest-agent port it assigns
+    // SYSTEMD_WANTS, in a file that sorts after qemu-guest-agent's rule for the same port, so
+    // that only vssd is started for it.
+    let rules = std::fs::read_to_string(t.path().join("lib/udev/rules.d/60-vssd.rules")).unwrap();
+    let rules = rules.replace("\\\n", "");
+    for device in
+        ["ATTR{name}==\"org.vssd.agent.0\"", "ENV{MODALIAS}==\"virtio:d00000013v*\"", "KERNEL==\"vmbus/hv_vss\""]
+    {
+        assert!(
+            rules.lines().any(|l| l.contains(device) && l.contains("ENV{SYSTEMD_WANTS}+=\"vssd.service\"")),
+            "60-vssd.rules does not start vssd for {device}:\n{rules}"
+        );
+    }
+    assert!(
+        rules.lines().any(|l| l.contains("ATTR{name}==\"org.qemu.guest_agent.0\"")
+            && l.contains("ENV{SYSTEMD_WANTS}=\"vssd.service\"")),
+        "60-vssd.rules does not take the guest-agent port for vssd alone:\n{rules}"
+    );
+    // Debian's qemu-guest-agent (tests/setup.sh installs it) wants its own unit for the same
+    // port; udev reads that rule first, so vssd's assignment is the one that holds.
+    let qga_rule = Path::new("/lib/udev/rules.d/60-qemu-guest-agent.rules");
+    let qga = std::fs::read_to_string(qga_rule)
+        .unwrap_or_else(|e| panic!("{}: {e}: install qemu-guest-agent (tests/setup.sh)", qga_rule.display()));
+    assert!(qga.contains("org.qemu.guest_agent.0") && qga.contains("SYSTEMD_WANTS"), "{qga}");
+    assert!(qga_rule.file_name().unwrap() < OsStr::new("60-vssd.rules"));
     let v = run(t.path().join("usr/sbin/vssd").to_str().unwrap(), &["--version"]);
     assert!(v.contains(env!("CARGO_PKG_VERSION")), "vssd --version: {v}");
     // vssd reads the packaged configuration as it is.
