@@ -114,6 +114,12 @@ struct Cli {
     /// error naming the backend (default 10).
     #[arg(long, value_name = "SECONDS")]
     qga_backend_timeout: Option<f64>,
+    /// Do not serve org.vssd.Agent on D-Bus.
+    #[arg(long)]
+    no_dbus: bool,
+    /// The D-Bus address to serve on (for tests; default the system bus).
+    #[arg(long, value_name = "ADDRESS", hide = true)]
+    dbus_address: Option<String>,
     /// Mount table to read (for tests; default /proc/self/mountinfo).
     #[arg(long, value_name = "FILE", hide = true)]
     mountinfo: Option<PathBuf>,
@@ -196,6 +202,12 @@ fn effective_config(cli: &Cli) -> Result<Config, ConfigError> {
     }
     if let Some(v) = cli.qga_backend_timeout {
         c.qga_backend_timeout = v;
+    }
+    if cli.no_dbus {
+        c.dbus = false;
+    }
+    if let Some(v) = &cli.dbus_address {
+        c.dbus_address = Some(v.clone());
     }
     if let Some(v) = &cli.mountinfo {
         c.mountinfo = v.clone();
@@ -307,6 +319,9 @@ async fn run(cfg: Config) -> ExitCode {
     }
     if let Some(b) = &agent.config().qga_backend {
         info!(backend = %b.display(), "forwarding the commands vssd does not implement to qemu-ga");
+    }
+    if agent.config().dbus {
+        vssd::dbus::spawn(agent.clone(), vssd::dbus::Settings { address: agent.config().dbus_address.clone() });
     }
     info!(scope = %agent.config().scope.display(), deadline_s = agent.config().freeze_deadline, "vssd ready");
     notify_ready();

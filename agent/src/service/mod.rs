@@ -20,6 +20,7 @@
 //! - A timer acts only on the freeze that armed it (the generation check).
 
 mod coordinator;
+mod events;
 mod freeze;
 mod report;
 mod thaw;
@@ -41,6 +42,7 @@ use crate::marker::Marker;
 use crate::plan::{self, CannotFreezePolicy};
 
 pub use coordinator::{AppCoordinator, BoxFuture};
+pub use events::{Event, Subscription};
 pub use report::{mount_report, AutoThaw, FreezeReport, MountReport, StepTimes, ThawError, ThawResult};
 
 /// A freeze request, whichever command it came from.
@@ -122,6 +124,7 @@ pub struct Agent {
     next_channel: AtomicU64,
     marker: Marker,
     apps: Option<Arc<dyn AppCoordinator>>,
+    observers: events::Observers,
 }
 
 /// What a freeze in progress has engaged and must release if it does not complete.
@@ -158,6 +161,7 @@ impl Agent {
             next_channel: AtomicU64::new(1),
             marker,
             apps,
+            observers: events::Observers::default(),
         })
     }
 
@@ -169,6 +173,16 @@ impl Agent {
         // A panic while holding this lock cannot leave it half-updated (single assignments),
         // so a poisoned lock is still safe to use; thawing must never be refused.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A queue of the lifecycle's events from now on, holding at most `capacity`; events that
+    /// do not fit are dropped and counted, never waited for.
+    pub fn subscribe(&self, capacity: usize) -> Subscription {
+        self.observers.subscribe(capacity)
+    }
+
+    fn emit(&self, ev: Event) {
+        self.observers.emit(ev);
     }
 
     /// A fresh id for a channel connection.
