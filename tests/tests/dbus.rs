@@ -232,6 +232,32 @@ fn start_vssd<'a>(sb: &'a Sandbox, bus: &PrivateBus, deadline: u64) -> Vssd<'a> 
     v
 }
 
+/// Waits (5 s) until property `name` is `want`.
+fn wait_prop(bus: &PrivateBus, name: &str, want: Value) {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = prop(bus, name);
+        if v == want {
+            return;
+        }
+        assert!(Instant::now() < until, "{name} is {v}, not {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An application registered on vssd's app socket (the appvss hello), until dropped.
+fn register_app(socket: &Path, name: &str) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = json!({"type": "hello", "id": 1, "name": name, "min_version": 1, "max_version": 1});
+    s.write_all(format!("{hello}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("welcome"), "vssd's answer to hello: {line}");
+    s
+}
+
 fn strings(v: &Value) -> Vec<String> {
     let mut s: Vec<String> = v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
     s.sort();
@@ -339,6 +365,15 @@ fn the_policy_lets_only_root_call_the_methods_and_everyone_read_the_properties()
     }
     assert_eq!(prop(&bus, "State"), json!("thawed"), "nothing was frozen");
     assert_writable(&m, Duration::from_secs(5), "after nobody's calls");
+    // An app registers (appvss hello): RegisteredApps shows it, to anyone, and announces it.
+    let mon = Monitor::start(&bus);
+    let app = register_app(&sb.app_socket(), "dbus-test-app");
+    wait_prop(&bus, "RegisteredApps", json!(["dbus-test-app"]));
+    let o = as_nobody(&["busctl", &addr, "get-property", DEST, PATH, IFACE, "RegisteredApps"]);
+    assert_eq!(o.stdout.trim(), "as 1 \"dbus-test-app\"", "nobody reads RegisteredApps");
+    drop(app);
+    wait_prop(&bus, "RegisteredApps", json!([]));
+    assert_eq!(mon.changed("RegisteredApps"), [json!(["dbus-test-app"]), json!([])]);
     // Root may.
     let plan = call(&bus, &["Plan", "as", "0"]);
     let mp = m.display().to_string();
