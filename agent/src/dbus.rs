@@ -241,8 +241,17 @@ impl Bus {
             }
             // Keep the view current while away, so the next connection starts right.
             let until = tokio::time::Instant::now() + RETRY;
-            while let Ok(Some(ev)) = tokio::time::timeout_at(until, self.sub.events.recv()).await {
-                self.apply(&ev);
+            loop {
+                match tokio::time::timeout_at(until, self.sub.events.recv()).await {
+                    Ok(Some(ev)) => {
+                        self.apply(&ev);
+                    }
+                    Ok(None) => {
+                        tokio::time::sleep_until(until).await;
+                        break;
+                    }
+                    Err(_) => break,
+                }
             }
         }
     }
