@@ -37,9 +37,17 @@ impl PrivateBus {
                 "{prog} is missing: apt-get install dbus-daemon dbus-bin systemd util-linux (tests/setup.sh)"
             );
         }
-        // Its own directory, readable by all, so that `nobody` can reach the socket.
+        Self::start_in(Self::dir())
+    }
+
+    /// Its own directory, readable by all, so that `nobody` can reach the socket `bus` in it.
+    fn dir() -> PathBuf {
         let dir = tempfile::Builder::new().prefix("vssd-test-bus-").tempdir_in("/tmp").unwrap().keep();
         fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    fn start_in(dir: PathBuf) -> PrivateBus {
         let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dbus/org.vssd.Agent.conf");
         let policy = policy.canonicalize().expect("packaging/dbus/org.vssd.Agent.conf exists");
         let conf = dir.join("bus.conf");
@@ -428,4 +436,33 @@ fn a_hung_or_dead_bus_costs_a_freeze_nothing() {
         assert!(Instant::now() < until, "vssd did not log the lost bus:\n{}", vssd.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn a_bus_missing_at_start_is_logged_once_and_joined_when_it_appears() {
+    require_root!();
+    let sb = Sandbox::new("dbuslate");
+    let m = sb.ext4("e");
+    let dir = PrivateBus::dir();
+    let address = format!("unix:path={}", dir.join("bus").display());
+    let vssd = Vssd::builder(&sb).arg("--dbus-address").arg(&address).start();
+    // No bus: vssd serves the host all the same.
+    let mut c = vssd.client();
+    assert_eq!(c.ok("guest-fsfreeze-freeze", None), json!(1));
+    c.ok("guest-fsfreeze-thaw", None);
+    assert_writable(&m, Duration::from_secs(5), "after a freeze without a bus");
+    let bus = PrivateBus::start_in(dir);
+    // vssd tries again every 10 s.
+    let until = Instant::now() + Duration::from_secs(20);
+    while busctl(&bus, &["get-property", DEST, PATH, IFACE, "State"]).code != Some(0) {
+        assert!(Instant::now() < until, "vssd did not join the bus within 20 s:\n{}", vssd.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = vssd.log_text();
+    assert_eq!(log.matches("no D-Bus;").count(), 1, "logged once:\n{log}");
+    assert!(log.contains("serving on D-Bus"), "{log}");
+    // And the state it shows is right: a freeze before the bus left a report.
+    let last: Value = serde_json::from_str(prop(&bus, "LastFreezeReport").as_str().unwrap()).unwrap();
+    assert_eq!(last["frozen"], json!(1));
 }
