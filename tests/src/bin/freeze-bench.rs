@@ -300,6 +300,7 @@ fn run_dbus_compare(o: &Opts, n: usize) -> Result<Value, String> {
     let names = ["no-dbus", "dbus", "hung-dbus"];
     let buses = [None, Some(live.clone()), Some(hung.clone())];
     let mut clients = Vec::new();
+    let mut pids = Vec::new();
     for (name, bus) in names.iter().zip(&buses) {
         let sock = fleet.dir.join(format!("vssd-{name}.sock"));
         let st = state.join(name);
@@ -317,6 +318,7 @@ fn run_dbus_compare(o: &Opts, n: usize) -> Result<Value, String> {
             None => cmd.arg("--no-dbus"),
         };
         let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", o.vssd.display()))?;
+        pids.push(child.id());
         fleet.children.push(child);
         clients.push(Qga::connect(&sock)?);
     }
@@ -324,6 +326,8 @@ fn run_dbus_compare(o: &Opts, n: usize) -> Result<Value, String> {
     wait_on_bus(&hung)?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(hung_pid as i32), nix::sys::signal::Signal::SIGSTOP)
         .map_err(|e| format!("cannot stop the hung bus: {e}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let idle: Vec<u64> = pids.iter().map(|&p| rss_kib(p)).collect();
     let list: Value = fleet.mounts.iter().map(|m| Value::from(m.display().to_string())).collect();
     let mut freeze: Vec<Vec<f64>> = vec![vec![]; names.len()];
     let mut thaw: Vec<Vec<f64>> = vec![vec![]; names.len()];
@@ -356,6 +360,7 @@ fn run_dbus_compare(o: &Opts, n: usize) -> Result<Value, String> {
             "dbus/no-dbus freeze+thaw": (f[1] + t[1]) / (f[0] + t[0]),
             "hung-dbus/no-dbus freeze+thaw": (f[2] + t[2]) / (f[0] + t[0]),
         },
+        "rss-kib": {"no-dbus-idle": idle[0], "dbus-idle": idle[1], "hung-dbus-idle": idle[2]},
     }))
 }
 
@@ -368,12 +373,14 @@ fn print_dbus_text(r: &Value) {
     }
     let ra = &r["ratios"];
     println!(
-        "freeze: dbus/no-dbus {:.3}x   hung-dbus/no-dbus {:.3}x;   freeze+thaw: dbus/no-dbus {:.3}x   hung-dbus/no-dbus {:.3}x\n",
+        "freeze: dbus/no-dbus {:.3}x   hung-dbus/no-dbus {:.3}x;   freeze+thaw: dbus/no-dbus {:.3}x   hung-dbus/no-dbus {:.3}x",
         ra["dbus/no-dbus freeze"].as_f64().unwrap(),
         ra["hung-dbus/no-dbus freeze"].as_f64().unwrap(),
         ra["dbus/no-dbus freeze+thaw"].as_f64().unwrap(),
         ra["hung-dbus/no-dbus freeze+thaw"].as_f64().unwrap()
     );
+    let rss = &r["rss-kib"];
+    println!("idle RSS: no-dbus {} KiB, dbus {} KiB\n", rss["no-dbus-idle"], rss["dbus-idle"]);
 }
 
 fn run_count(o: &Opts, n: usize) -> Result<Value, String> {
