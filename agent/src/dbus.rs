@@ -49,6 +49,8 @@ pub const RETRY: Duration = Duration::from_secs(10);
 pub const RESYNC: Duration = Duration::from_secs(1);
 /// How long the announcement of a freeze or thaw in progress waits for its end.
 pub const HOLD: Duration = Duration::from_secs(2);
+/// How long after an event the bus waits for more before it announces them.
+pub const QUIET: Duration = Duration::from_millis(25);
 /// Events queued for the bus at most; more are dropped and counted.
 pub const QUEUE: usize = 64;
 
@@ -355,14 +357,17 @@ impl Bus {
         }
     }
 
-    /// `ev` and, if it starts a freeze or a thaw, the events up to its end (or [`HOLD`]),
-    /// each with what it changed: nothing is sent to the bus while filesystems freeze or
-    /// thaw, so the bus's CPU time (ours and the daemon's) never competes with FIFREEZE or
-    /// FITHAW; the signals still go out in order.
+    /// `ev` and the events that follow it closely, each with what it changed. Nothing goes
+    /// to the bus while filesystems freeze or thaw (a freeze or thaw in progress waits for its
+    /// end, up to [`HOLD`]), nor in the [`QUIET`] after an event, when the host is reading its
+    /// answer: the bus's CPU time (ours and the daemon's) never competes with FIFREEZE, FITHAW
+    /// or the reply. The signals still go out in order.
     async fn settle(&mut self, ev: Event) -> Vec<(Changed, Event)> {
-        let until = tokio::time::Instant::now() + HOLD;
+        let start = tokio::time::Instant::now();
         let mut out = vec![(self.apply(&ev), ev)];
-        while matches!(out.last(), Some((_, Event::Freezing | Event::Thawing))) {
+        loop {
+            let busy = matches!(out.last(), Some((_, Event::Freezing | Event::Thawing)));
+            let until = if busy { start + HOLD } else { (tokio::time::Instant::now() + QUIET).min(start + HOLD) };
             match tokio::time::timeout_at(until, self.sub.events.recv()).await {
                 Ok(Some(next)) => out.push((self.apply(&next), next)),
                 _ => break,
