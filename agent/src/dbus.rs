@@ -28,6 +28,10 @@
 //! bus costs a freeze nothing. A bus that is missing at start, or goes away, is logged once
 //! and tried again every [`RETRY`]; it is never fatal. The properties are kept from the events
 //! and checked against the agent every [`RESYNC`], so dropped events cost signals, not truth.
+//! Nothing is sent to the bus while a freeze or thaw is in progress (up to [`HOLD`]) nor in
+//! the [`QUIET`] after an event, so the bus's CPU never competes with FIFREEZE, FITHAW or the
+//! host reading its reply. A Freeze by D-Bus ends by Thaw or its deadline only (no channel
+//! owns it). The AutoThawed(shutdown) of a stopping vssd may not reach the bus before exit.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
