@@ -150,6 +150,12 @@ pub struct Config {
     pub qga_backend: Option<PathBuf>,
     /// Seconds one command forwarded to the backend may take, connecting included.
     pub qga_backend_timeout: f64,
+    /// Serve `org.vssd.Agent` on D-Bus (state, signals, root-only methods). Never on the
+    /// freeze path; a missing bus is logged once and tried again, never fatal.
+    pub dbus: bool,
+    /// The bus to use (a D-Bus address, e.g. `unix:path=/tmp/bus` for tests); None: the
+    /// system bus.
+    pub dbus_address: Option<String>,
 }
 
 impl Default for Config {
@@ -182,6 +188,8 @@ impl Default for Config {
             devfs: "/dev".into(),
             qga_backend: None,
             qga_backend_timeout: 10.0,
+            dbus: true,
+            dbus_address: None,
         }
     }
 }
@@ -369,6 +377,17 @@ mod tests {
         let text = toml::to_string(&c).unwrap();
         assert!(text.contains("qga-backend = \"/run/qga-backend.sock\""), "{text}");
         assert_eq!(toml::from_str::<Config>(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn dbus_is_on_by_default_and_its_keys_load() {
+        assert!(Config::default().dbus);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, "dbus = false\ndbus-address = \"unix:path=/tmp/bus\"\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert!(!c.dbus);
+        assert_eq!(c.dbus_address.as_deref(), Some("unix:path=/tmp/bus"));
     }
 
     #[test]

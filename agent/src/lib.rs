@@ -16,6 +16,7 @@
 
 pub mod apps;
 pub mod config;
+pub mod dbus;
 pub mod engine;
 pub mod guest;
 pub mod hooks;

@@ -116,6 +116,12 @@ struct Cli {
     /// error naming the backend (default 10).
     #[arg(long, value_name = "SECONDS")]
     qga_backend_timeout: Option<f64>,
+    /// Do not serve org.vssd.Agent on D-Bus.
+    #[arg(long)]
+    no_dbus: bool,
+    /// The D-Bus address to serve on (for tests; default the system bus).
+    #[arg(long, value_name = "ADDRESS", hide = true)]
+    dbus_address: Option<String>,
     /// Mount table to read (for tests; default /proc/self/mountinfo).
     #[arg(long, value_name = "FILE", hide = true)]
     mountinfo: Option<PathBuf>,
@@ -199,6 +205,12 @@ fn effective_config(cli: &Cli) -> Result<Config, ConfigError> {
     if let Some(v) = cli.qga_backend_timeout {
         c.qga_backend_timeout = v;
     }
+    if cli.no_dbus {
+        c.dbus = false;
+    }
+    if let Some(v) = &cli.dbus_address {
+        c.dbus_address = Some(v.clone());
+    }
     if let Some(v) = &cli.mountinfo {
         c.mountinfo = v.clone();
     }
@@ -216,7 +228,8 @@ fn init_logging(verbose: u8) {
     let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| default.parse().expect("a level name parses"));
+        // zbus logs its own warnings when the bus goes away; vssd says that once itself.
+        .unwrap_or_else(|| format!("{default},zbus=error").parse().expect("a level name parses"));
     // stderr only: journald picks it up; nothing is ever written to a freezable filesystem.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -309,6 +322,9 @@ async fn run(cfg: Config) -> ExitCode {
     }
     if let Some(b) = &agent.config().qga_backend {
         info!(backend = %b.display(), "forwarding the commands vssd does not implement to qemu-ga");
+    }
+    if agent.config().dbus {
+        vssd::dbus::spawn(agent.clone(), vssd::dbus::Settings { address: agent.config().dbus_address.clone() });
     }
     info!(scope = %agent.config().scope.display(), deadline_s = agent.config().freeze_deadline, "vssd ready");
     // systemd: every channel serves now. STATUS and the watchdog follow the agent's state.

@@ -144,7 +144,7 @@ async fn watchdog(n: Notifier, agent: Arc<Agent>, period: Duration) {
 
 /// STATUS= whenever the state changes, and as the countdown or the app count moves.
 async fn status_updates(n: Notifier, agent: Arc<Agent>) {
-    let mut rx = agent.subscribe();
+    let mut rx = agent.watch_state();
     let mut last = String::new();
     loop {
         let view = rx.borrow_and_update().clone();

@@ -71,6 +71,10 @@ impl<'a> VssdBuilder<'a> {
             sb.hooks_dir().into(),
             "-v".into(),
         ];
+        // Never this machine's system bus: a test that wants D-Bus names its private bus.
+        if !self.extra.iter().any(|a| a == "--dbus-address") {
+            args.push("--no-dbus".into());
+        }
         args.extend(self.extra);
         let mut v = Vssd { sb, child: None, socket, args, log: sb.root().join("vssd.log") };
         v.spawn();

@@ -26,7 +26,7 @@ use kmod_shim::topology::Topology;
 use tracing::{debug, error, info, warn};
 
 use super::report::{describe_app, mount_report, ms, FreezeReport, StepClock};
-use super::{Agent, AgentError, AppCoordinator, Engaged, FreezeRequest};
+use super::{Agent, AgentError, AppCoordinator, Engaged, Event, FreezeRequest};
 use crate::apps::{Answer, AppReport};
 use crate::config::AppFailurePolicy;
 use crate::engine::{self, FrozenFs, FrozenState};
@@ -106,6 +106,7 @@ impl Agent {
         let _op = self.op.lock().await;
         let start = tokio::time::Instant::now();
         self.lock().life.begin_freeze()?;
+        self.emit(Event::Freezing);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let deadline_len = req.deadline.unwrap_or_else(|| self.cfg.freeze_deadline());
         let deadline = start + deadline_len;
@@ -121,6 +122,7 @@ impl Agent {
                 self.lock().life.freeze_failed()?;
                 self.marker.remove();
                 info!("nothing to freeze; still thawed");
+                self.emit(Event::NotFrozen(Some(Arc::new(report.clone()))));
                 Ok(report)
             }
             Ok((frozen, report)) => {
@@ -146,7 +148,9 @@ impl Agent {
                     "frozen"
                 );
                 self.arm_deadline(generation, deadline);
-                Ok(FreezeReport { deadline_ms: deadline_len.as_millis() as u64, ..report })
+                let report = FreezeReport { deadline_ms: deadline_len.as_millis() as u64, ..report };
+                self.emit(Event::Frozen(Arc::new(report.clone())));
+                Ok(report)
             }
         }
     }
@@ -169,6 +173,7 @@ impl Agent {
             error!(error = %t, "freeze failed in an unexpected state");
         }
         self.marker.remove();
+        self.emit(Event::NotFrozen(None));
         // As `&dyn Error`, the log line carries its sources too.
         warn!(error = e as &dyn std::error::Error, "freeze failed; nothing is left frozen");
     }

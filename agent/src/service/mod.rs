@@ -18,11 +18,14 @@
 //!   removed only once everything this freeze froze has been thawed again, on every path
 //!   (thaw, auto-thaw, a failed or panicking freeze).
 //! - A timer acts only on the freeze that armed it (the generation check).
-//! - Every change of the lifecycle or of the last auto-thaw is published to [`Agent::subscribe`]
-//!   as the lock that made it is released: a watch channel, so publishing never waits for a
-//!   reader (systemd's STATUS, D-Bus) and a slow reader only misses intermediate states.
+//! - Nothing that watches the agent can slow a freeze. Every change of the lifecycle or of the
+//!   last auto-thaw is published as the lock that made it is released ([`Agent::watch_state`],
+//!   a watch channel, for systemd's STATUS: a slow reader only misses intermediate states);
+//!   the lifecycle's events, with their reports, go to bounded queues that drop and count what
+//!   does not fit ([`Agent::subscribe`], for D-Bus signals).
 
 mod coordinator;
+mod events;
 mod freeze;
 mod report;
 mod thaw;
@@ -44,6 +47,7 @@ use crate::marker::Marker;
 use crate::plan::{self, CannotFreezePolicy};
 
 pub use coordinator::{AppCoordinator, BoxFuture};
+pub use events::{Event, Subscription};
 pub use report::{mount_report, AutoThaw, FreezeReport, MountReport, StepTimes, ThawError, ThawResult};
 
 /// A freeze request, whichever command it came from.
@@ -185,6 +189,7 @@ pub struct Agent {
     marker: Marker,
     apps: Option<Arc<dyn AppCoordinator>>,
     state_tx: tokio::sync::watch::Sender<StateView>,
+    observers: events::Observers,
 }
 
 /// What a freeze in progress has engaged and must release if it does not complete.
@@ -219,6 +224,7 @@ impl Agent {
             marker,
             apps,
             state_tx,
+            observers: events::Observers::default(),
         })
     }
 
@@ -234,7 +240,7 @@ impl Agent {
 
     /// The state now, and every change from here on (a watch: a reader that falls behind
     /// sees the latest state, never a queue). Publishing never waits for a reader.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<StateView> {
+    pub fn watch_state(&self) -> tokio::sync::watch::Receiver<StateView> {
         self.state_tx.subscribe()
     }
 
@@ -247,6 +253,16 @@ impl Agent {
     /// How many applications are registered; None when vssd serves no applications.
     pub fn app_count(&self) -> Option<usize> {
         self.apps.as_ref().map(|a| a.count())
+    }
+
+    /// A queue of the lifecycle's events from now on, holding at most `capacity`; events that
+    /// do not fit are dropped and counted, never waited for.
+    pub fn subscribe(&self, capacity: usize) -> Subscription {
+        self.observers.subscribe(capacity)
+    }
+
+    fn emit(&self, ev: Event) {
+        self.observers.emit(ev);
     }
 
     /// A fresh id for a channel connection.

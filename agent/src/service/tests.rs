@@ -177,7 +177,7 @@ async fn the_deadline_thaws_at_the_deadline_not_before() {
 #[tokio::test(start_paused = true)]
 async fn subscribers_see_the_freeze_the_thaw_and_the_auto_thaw() {
     let r = rig();
-    let mut rx = r.agent.subscribe();
+    let mut rx = r.agent.watch_state();
     assert_eq!(rx.borrow_and_update().state, "thawed");
     r.agent.freeze(FreezeRequest::default()).await.unwrap();
     assert!(rx.has_changed().unwrap());
@@ -505,4 +505,50 @@ async fn recovery_thaws_what_a_dead_vssd_left_frozen_and_tells_the_host_once() {
     assert_eq!(r.thaws(), ["thaw /s/a"]);
     assert!(!r.marker.exists());
     assert!(matches!(r.agent.thaw().await, Err(AgentError::AlreadyAutoThawed(_))));
+}
+
+/// The kinds of events in a subscription's queue so far.
+fn events(s: &mut Subscription) -> Vec<String> {
+    let mut out = vec![];
+    while let Ok(ev) = s.events.try_recv() {
+        out.push(match ev {
+            Event::Frozen(r) => format!("frozen {}", r.frozen),
+            Event::Thawed(r) => format!("thawed {}", r.thawed),
+            Event::AutoThawed(a) => format!("auto-thawed {:?}", a.reason),
+            Event::NotFrozen(r) => format!("not-frozen {}", r.is_some()),
+            other => other.state().to_string(),
+        });
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn observers_see_every_transition_with_its_report() {
+    let r = rig();
+    let mut s = r.agent.subscribe(16);
+    r.agent.freeze(FreezeRequest::default()).await.unwrap();
+    r.agent.thaw().await.unwrap();
+    assert_eq!(events(&mut s), ["freezing", "frozen 3", "thawing", "thawed 3"]);
+    r.agent.freeze(FreezeRequest { deadline: Some(Duration::from_secs(1)), ..Default::default() }).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1) + MS).await;
+    settle(&r.agent).await;
+    assert_eq!(events(&mut s), ["freezing", "frozen 3", "thawing", "auto-thawed Deadline"]);
+    // A thaw with nothing frozen is no transition.
+    let _ = r.agent.thaw().await;
+    assert_eq!(events(&mut s), Vec::<String>::new());
+    assert_eq!(s.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_failed_freeze_is_seen_as_not_frozen_and_a_full_queue_never_blocks_it() {
+    let r = rig_with(FakeKernel::new().fail_freeze("/s/b", libc::EIO), None);
+    let mut s = r.agent.subscribe(1);
+    r.agent.freeze(FreezeRequest::default()).await.unwrap_err();
+    assert_eq!(events(&mut s), ["freezing"], "the queue holds one; the rest were dropped");
+    assert_eq!(s.dropped.load(std::sync::atomic::Ordering::Relaxed), 1);
+    r.agent.freeze(FreezeRequest::default()).await.unwrap_err();
+    assert_eq!(events(&mut s), ["freezing"]);
+    let mut big = r.agent.subscribe(8);
+    r.agent.freeze(FreezeRequest::default()).await.unwrap_err();
+    assert_eq!(events(&mut big), ["freezing", "not-frozen false"]);
 }

@@ -14,7 +14,7 @@ use appvss_proto::ThawReason;
 use tracing::{error, info, warn};
 
 use super::report::{ms, thaw_errors, AutoThaw, ThawResult};
-use super::{Agent, AgentError, Engaged};
+use super::{Agent, AgentError, Engaged, Event};
 use crate::engine::{self, AutoThawReason, FrozenFs};
 use crate::hooks::{self, HookRun};
 
@@ -93,6 +93,9 @@ impl Agent {
             }
             s
         };
+        if state.is_some() {
+            self.emit(Event::Thawing);
+        }
         let Some(state) = state else {
             return Ok(ThawResult {
                 thawed: 0,
@@ -116,19 +119,20 @@ impl Agent {
             elapsed_ms = ms(start.elapsed()),
             "thawed"
         );
-        let errors = thaw_errors(&report);
-        if !errors.is_empty() {
-            let msg: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.mountpoint, e.error)).collect();
-            return Err(AgentError::ThawErrors(msg.join("; ")));
-        }
-        Ok(ThawResult {
+        let result = ThawResult {
             thawed: report.thawed.len(),
-            errors,
+            errors: thaw_errors(&report),
             apps: state.apps.len(),
             hooks: hook_runs,
             fs_thaw_ms,
             elapsed_ms: ms(start.elapsed()),
-        })
+        };
+        self.emit(Event::Thawed(Arc::new(result.clone())));
+        if !result.errors.is_empty() {
+            let msg: Vec<String> = result.errors.iter().map(|e| format!("{}: {}", e.mountpoint, e.error)).collect();
+            return Err(AgentError::ThawErrors(msg.join("; ")));
+        }
+        Ok(result)
     }
 
     /// FITHAW of `fs` on a blocking thread. Should that thread die, every filesystem is
@@ -182,6 +186,7 @@ impl Agent {
                 _ => return,
             }
         };
+        self.emit(Event::Thawing);
         let frozen_for = state.since.elapsed();
         let report = self.thaw_blocking(state.filesystems.clone()).await;
         let engaged = Engaged { apps: state.apps.clone(), hooks: state.hooks.clone() };
@@ -199,8 +204,9 @@ impl Agent {
         let mut inner = self.lock();
         let _ = inner.life.thaw_done();
         inner.notice = Some(why);
-        inner.last_auto_thaw = Some(rec);
+        inner.last_auto_thaw = Some(rec.clone());
         drop(inner);
         self.marker.remove();
+        self.emit(Event::AutoThawed(Arc::new(rec)));
     }
 }

@@ -7,6 +7,11 @@
 //! cycles, interleaved so that no subject gets a quieter machine. Then each agent's idle
 //! resident memory. Needs root; touches only the filesystems it creates (vssd runs scoped,
 //! qemu-ga only ever gets the explicit list).
+//!
+//! `--dbus-compare` measures instead what D-Bus costs a freeze: three vssds on the same
+//! filesystems, interleaved the same way: without D-Bus (`--no-dbus`), on a private
+//! dbus-daemon, and on a second private dbus-daemon that is SIGSTOPped once vssd owns its name
+//! (a hung bus); the ratios to the first are printed.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -22,18 +27,28 @@ struct Opts {
     vssd: PathBuf,
     /// Extra arguments for vssd (e.g. --no-rcu-expedite, to compare).
     vssd_args: Vec<String>,
+    /// vssd without D-Bus, with a bus, with a hung bus, instead of the agents and raw FIFREEZE.
+    dbus_compare: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: freeze-bench [--counts 1,16,64] [--cycles 15] [--json] [--vssd PATH] [--vssd-arg ARG]...\n\
-         Measures vssd, qemu-ga and raw FIFREEZE on loop-mounted ext4 filesystems it creates. Needs root."
+        "usage: freeze-bench [--counts 1,16,64] [--cycles 15] [--json] [--vssd PATH] [--vssd-arg ARG]... [--dbus-compare]\n\
+         Measures vssd, qemu-ga and raw FIFREEZE on loop-mounted ext4 filesystems it creates. Needs root.\n\
+         --dbus-compare: vssd with --no-dbus, with a private dbus-daemon, and with that bus SIGSTOPped, instead."
     );
     std::process::exit(2)
 }
 
 fn parse_opts() -> Opts {
-    let mut o = Opts { counts: vec![1, 16, 64], cycles: 15, json: false, vssd: default_vssd(), vssd_args: vec![] };
+    let mut o = Opts {
+        counts: vec![1, 16, 64],
+        cycles: 15,
+        json: false,
+        vssd: default_vssd(),
+        vssd_args: vec![],
+        dbus_compare: false,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -47,6 +62,7 @@ fn parse_opts() -> Opts {
             }
             "--cycles" => o.cycles = args.next().and_then(|s| s.parse().ok()).unwrap_or_else(|| usage()),
             "--json" => o.json = true,
+            "--dbus-compare" => o.dbus_compare = true,
             "--vssd" => o.vssd = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
             "--vssd-arg" => o.vssd_args.push(args.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
@@ -112,7 +128,8 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        // The last started first: vssd before the bus it talks to.
+        for c in self.children.iter_mut().rev() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -223,7 +240,153 @@ fn agent(q: &mut Qga, list: &Value, n: usize) -> Result<(Duration, Duration), St
     Ok((f, th))
 }
 
+/// A private dbus-daemon that lets root own any name (the bench's own, in `fleet.dir`).
+fn private_bus(fleet: &mut Fleet, name: &str) -> Result<(String, u32), String> {
+    let socket = fleet.dir.join(format!("{name}.bus"));
+    let conf = fleet.dir.join(format!("{name}.conf"));
+    let text = format!(
+        "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"\n \
+         \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig><type>system</type>\
+         <auth>EXTERNAL</auth><listen>unix:path={}</listen><policy context=\"default\"><allow user=\"*\"/>\
+         <allow own=\"*\"/><allow send_destination=\"*\"/><allow receive_type=\"*\"/><allow send_type=\"*\"/>\
+         </policy></busconfig>\n",
+        socket.display()
+    );
+    std::fs::write(&conf, text).map_err(|e| e.to_string())?;
+    let mut child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", conf.display()))
+        .args(["--print-address", "--nofork"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start dbus-daemon: {e} (apt-get install dbus-daemon)"))?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .map_err(|e| e.to_string())?;
+    let pid = child.id();
+    fleet.children.push(child);
+    Ok((line.trim().to_string(), pid))
+}
+
+/// Waits until a vssd owns org.vssd.Agent on `address`.
+fn wait_on_bus(address: &str) -> Result<(), String> {
+    let until = Instant::now() + Duration::from_secs(15);
+    let args = ["get-property", "org.vssd.Agent", "/org/vssd/Agent", "org.vssd.Agent1", "State"];
+    while !Command::new("busctl")
+        .arg(format!("--address={address}"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        if Instant::now() > until {
+            return Err(format!("vssd did not appear on the bus {address} in 15 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// vssd without D-Bus, with a bus, with a hung (SIGSTOPped) bus: freeze and thaw medians.
+fn run_dbus_compare(o: &Opts, n: usize) -> Result<Value, String> {
+    let mut fleet = Fleet::new(n)?;
+    let state = fleet.dir.join("state");
+    std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+    sh(&["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "vssd-bench-state", state.to_str().unwrap()])?;
+    fleet.tmpfs.push(state.clone());
+    let (live, _) = private_bus(&mut fleet, "live")?;
+    let (hung, hung_pid) = private_bus(&mut fleet, "hung")?;
+    let names = ["no-dbus", "dbus", "hung-dbus"];
+    let buses = [None, Some(live.clone()), Some(hung.clone())];
+    let mut clients = Vec::new();
+    let mut pids = Vec::new();
+    for (name, bus) in names.iter().zip(&buses) {
+        let sock = fleet.dir.join(format!("vssd-{name}.sock"));
+        let st = state.join(name);
+        std::fs::create_dir_all(&st).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&o.vssd);
+        cmd.args(["--channel", &format!("unix:{}", sock.display())])
+            .args(["--scope", fleet.scope().to_str().unwrap()])
+            .args(["--freeze-deadline", "20", "--no-control-socket", "--no-apps"])
+            .args(["--state-dir", st.to_str().unwrap()])
+            .args(&o.vssd_args)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit());
+        match bus {
+            Some(a) => cmd.args(["--dbus-address", a]),
+            None => cmd.arg("--no-dbus"),
+        };
+        let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", o.vssd.display()))?;
+        pids.push(child.id());
+        fleet.children.push(child);
+        clients.push(Qga::connect(&sock)?);
+    }
+    wait_on_bus(&live)?;
+    wait_on_bus(&hung)?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(hung_pid as i32), nix::sys::signal::Signal::SIGSTOP)
+        .map_err(|e| format!("cannot stop the hung bus: {e}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let idle: Vec<u64> = pids.iter().map(|&p| rss_kib(p)).collect();
+    let list: Value = fleet.mounts.iter().map(|m| Value::from(m.display().to_string())).collect();
+    let mut freeze: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    let mut thaw: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    for round in 0..=o.cycles {
+        for j in 0..names.len() {
+            let k = (j + round) % names.len();
+            fleet.dirty(round * names.len() + k);
+            let (f, t) = agent(&mut clients[k], &list, n)?;
+            if round > 0 {
+                freeze[k].push(ms(f));
+                thaw[k].push(ms(t));
+            }
+        }
+    }
+    let f: Vec<f64> = freeze.iter_mut().map(|v| median(v)).collect();
+    let t: Vec<f64> = thaw.iter_mut().map(|v| median(v)).collect();
+    let mut subjects = serde_json::Map::new();
+    for (k, name) in names.iter().enumerate() {
+        subjects.insert(name.to_string(), json!({"freeze-ms": f[k], "thaw-ms": t[k]}));
+    }
+    // The stopped bus must go on again before it is killed with the rest (kill works either way).
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(hung_pid as i32), nix::sys::signal::Signal::SIGCONT);
+    Ok(json!({
+        "filesystems": n,
+        "cycles": o.cycles,
+        "median": subjects,
+        "ratios": {
+            "dbus/no-dbus freeze": f[1] / f[0],
+            "hung-dbus/no-dbus freeze": f[2] / f[0],
+            "dbus/no-dbus freeze+thaw": (f[1] + t[1]) / (f[0] + t[0]),
+            "hung-dbus/no-dbus freeze+thaw": (f[2] + t[2]) / (f[0] + t[0]),
+        },
+        "rss-kib": {"no-dbus-idle": idle[0], "dbus-idle": idle[1], "hung-dbus-idle": idle[2]},
+    }))
+}
+
+fn print_dbus_text(r: &Value) {
+    let m = &r["median"];
+    println!("== D-Bus: {} ext4 filesystems, 64 KiB dirty each, median of {} cycles ==", r["filesystems"], r["cycles"]);
+    println!("{:<16} {:>12} {:>10}", "vssd", "freeze ms", "thaw ms");
+    for s in ["no-dbus", "dbus", "hung-dbus"] {
+        println!("{:<16} {:>12.2} {:>10.2}", s, m[s]["freeze-ms"].as_f64().unwrap(), m[s]["thaw-ms"].as_f64().unwrap());
+    }
+    let ra = &r["ratios"];
+    println!(
+        "freeze: dbus/no-dbus {:.3}x   hung-dbus/no-dbus {:.3}x;   freeze+thaw: dbus/no-dbus {:.3}x   hung-dbus/no-dbus {:.3}x",
+        ra["dbus/no-dbus freeze"].as_f64().unwrap(),
+        ra["hung-dbus/no-dbus freeze"].as_f64().unwrap(),
+        ra["dbus/no-dbus freeze+thaw"].as_f64().unwrap(),
+        ra["hung-dbus/no-dbus freeze+thaw"].as_f64().unwrap()
+    );
+    let rss = &r["rss-kib"];
+    println!("idle RSS: no-dbus {} KiB, dbus {} KiB\n", rss["no-dbus-idle"], rss["dbus-idle"]);
+}
+
 fn run_count(o: &Opts, n: usize) -> Result<Value, String> {
+    if o.dbus_compare {
+        return run_dbus_compare(o, n);
+    }
     let mut fleet = Fleet::new(n)?;
     // vssd's state directory is /run/vssd on a real guest: a tmpfs. Give it one here too.
     let state = fleet.dir.join("state");
@@ -314,7 +477,11 @@ fn main() {
         match run_count(&o, n) {
             Ok(r) => {
                 if !o.json {
-                    print_text(&r);
+                    if o.dbus_compare {
+                        print_dbus_text(&r);
+                    } else {
+                        print_text(&r);
+                    }
                 }
                 results.push(r);
             }
