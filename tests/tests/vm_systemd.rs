@@ -1,0 +1,121 @@
+//! VM tier: vssd installed in a real distribution (Debian 12, systemd as PID 1, udev), as its
+//! package installs it. One boot for every check, in order: udev/systemd started vssd at boot;
+//! `vmctl backup` of the VM is quiesced; `systemctl kill -s KILL vssd` while frozen → systemd
+//! restarts it → every filesystem thawed within seconds; the journal has vssd's logs;
+//! `systemctl poweroff` while frozen thaws first and leaves clean filesystems.
+//! Needs root, QEMU and debootstrap; builds the guest on first use (tests/guest/build-debian.sh).
+
+use std::time::{Duration, Instant};
+
+use tests::sysguest::{cannot_run, image, SysVm};
+use tests::*;
+
+/// Every filesystem the guest mounts from a disk (root and the five data filesystems).
+const MOUNTS: &[&str] = &["/", "/data/db", "/data/logs", "/data/e3", "/data/e4", "/data/efi"];
+
+/// A guest command that writes one small file on every freezable filesystem and syncs it:
+/// it returns only when none is frozen.
+fn write_everywhere() -> String {
+    MOUNTS
+        .iter()
+        .map(|m| {
+            let f = format!("{}/.vmtest-thawed", m.trim_end_matches('/'));
+            format!("echo x >{f} && sync -f {f}")
+        })
+        .collect::<Vec<_>>()
+        .join(" && ")
+}
+
+fn main_pid(vm: &SysVm) -> u64 {
+    vm.sh("systemctl show -p MainPID --value vssd").trim().parse().unwrap_or(0)
+}
+
+#[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
+fn vssd_under_systemd_starts_by_udev_survives_a_kill_while_frozen_and_thaws_before_poweroff() {
+    if let Some(why) = cannot_run() {
+        panic!("this VM-tier test cannot run here: {why}");
+    }
+    let g = image();
+    eprintln!("[sysguest] image {} (debootstrap took {} s when it ran)", g.dir.display(), g.debootstrap_seconds);
+    let vm = SysVm::boot("sysd");
+
+    // (1) Started at boot by udev/systemd: active, wanted by the port's device unit, and
+    // answering on the host's socket (SysVm::boot waited for guest-ping).
+    assert_eq!(vm.sh("systemctl is-active vssd").trim(), "active");
+    let wants = vm.sh(r"systemctl show -p Wants --value 'dev-virtio\x2dports-org.qemu.guest_agent.0.device'");
+    assert!(wants.contains("vssd.service"), "udev's SYSTEMD_WANTS did not reach the port's device unit: {wants}");
+    eprintln!("[sysguest] mounts:\n{}", vm.sh("findmnt -rno TARGET,FSTYPE,SOURCE -t ext4,xfs,vfat"));
+    for m in MOUNTS {
+        vm.sh(&format!("mountpoint -q {m}"));
+    }
+    let pid0 = main_pid(&vm);
+    assert!(pid0 > 0);
+
+    // (2) vmctl backup of the running guest, quiesced by vssd.
+    let v = vm.vmctl_json(&["backup", "sysd", "--quiesce", "required"], 0);
+    let consistency = v["consistency"].as_str().unwrap_or("?");
+    assert!(consistency == "application" || consistency == "filesystem", "backup not quiesced: {v}");
+    let frozen = v["frozen"].as_u64().unwrap_or(0);
+    assert!(frozen >= 5, "the backup froze {frozen} filesystems, want root and the data filesystems: {v}");
+    eprintln!(
+        "[sysguest] backup: consistency {consistency}, {frozen} frozen, freeze window {} ms",
+        v["freeze_window_ms"]
+    );
+    let mut a = vm.agent();
+    assert_eq!(a.execute("guest-fsfreeze-status", None, Duration::from_secs(10)).unwrap(), json!("thawed"));
+
+    // (3) SIGKILL while frozen (a long deadline: only the restart can thaw within the test's
+    // limit) → systemd restarts vssd → the new vssd thaws what the old one left.
+    let r = a.execute("vssd-freeze", Some(json!({"deadline": 120})), Duration::from_secs(60)).unwrap();
+    eprintln!("[sysguest] frozen: {r}");
+    assert_eq!(a.execute("guest-fsfreeze-status", None, Duration::from_secs(10)).unwrap(), json!("frozen"));
+    drop(a);
+    let t_kill = Instant::now();
+    vm.sh("systemctl kill -s KILL vssd");
+    let (code, out) = vm.shell(&write_everywhere(), Duration::from_secs(30));
+    let thawed_after = t_kill.elapsed();
+    assert_eq!(code, 0, "writing to every filesystem after the kill: {out}");
+    assert!(thawed_after < Duration::from_secs(15), "thawed only {thawed_after:?} after the kill");
+    eprintln!("[sysguest] every filesystem writable {:.1} s after SIGKILL of the frozen vssd", thawed_after.as_secs_f64());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid1 = loop {
+        let p = main_pid(&vm);
+        if p != 0 && p != pid0 && vm.sh("systemctl is-active vssd || true").trim() == "active" {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "systemd did not restart vssd");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("[sysguest] vssd restarted: pid {pid0} → {pid1}");
+    let mut a = vm.agent();
+    assert_eq!(a.execute("guest-fsfreeze-status", None, Duration::from_secs(10)).unwrap(), json!("thawed"));
+
+    // (4) The journal has vssd's logs, those of both runs, the recovery included.
+    let journal = vm.sh("journalctl -b -u vssd --no-pager -o cat");
+    assert!(journal.contains("serving"), "no start of vssd in its journal:\n{journal}");
+    assert!(
+        journal.contains("left filesystems frozen") || journal.contains("recovered after a crash"),
+        "the restarted vssd did not log its recovery:\n{journal}"
+    );
+    eprintln!("[sysguest] journalctl -u vssd: {} lines", journal.lines().count());
+
+    // (5) systemctl poweroff while frozen: vssd thaws on its stop, the filesystems unmount
+    // clean, QEMU ends well before the freeze's own deadline.
+    a.execute("vssd-freeze", Some(json!({"deadline": 120})), Duration::from_secs(60)).unwrap();
+    assert_eq!(a.execute("guest-fsfreeze-status", None, Duration::from_secs(10)).unwrap(), json!("frozen"));
+    drop(a);
+    let t_off = Instant::now();
+    let _ = vm.try_shell("systemctl poweroff --no-block", Duration::from_secs(10));
+    assert!(vm.wait_exit(Duration::from_secs(90)), "the guest did not power off within 90 s while frozen");
+    let off = t_off.elapsed();
+    eprintln!("[sysguest] powered off {:.1} s after systemctl poweroff (frozen, deadline 120 s)", off.as_secs_f64());
+    assert!(off < Duration::from_secs(60), "poweroff took {off:?}: waited for the auto-thaw?");
+    for disk in ["data", "data2"] {
+        let res = hostsim::inspect::fsck_image(&vm.disk(disk)).expect("fsck the data disk");
+        assert!(!res.is_empty(), "no filesystem found on {disk}");
+        for r in res {
+            assert!(r.ok, "{disk} {} ({}) is not clean after the poweroff: {}", r.label, r.fstype, r.detail);
+        }
+    }
+}
