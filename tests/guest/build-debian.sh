@@ -87,18 +87,24 @@ fi
 # BASE-END
 
 # ---------------------------------------------------------------------------------------
-# vssd and vssctl, static (the same build as the busybox guest's vssd).
-(cd "$ws" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target" \
-   cargo build --release --quiet --target "$TRIPLE" -p vssd --bin vssd --bin vssctl) \
-  || die "cargo could not build vssd and vssctl (static) for the guest"
+# vssd: build.sh's static one. vssctl: the workspace build's (run-all.sh's build step; the
+# same cargo command, so nothing rebuilds), linked against this machine's glibc, which is
+# Debian 12's like the guest's. (A static vssctl built apart from build.sh's vssd would make
+# cargo unify features differently and rebuild both on every run.)
+(cd "$ws" && CARGO_TARGET_DIR="$target" cargo build --workspace --locked --bins --quiet) \
+  || die "cargo could not build the workspace's binaries (vssctl for the guest)"
+vssd_bin=$rel/vssd
+vssctl_bin=$target/debug/vssctl
+[ -x "$vssd_bin" ] || die "no static vssd at $vssd_bin (tests/guest/build.sh builds it)"
+[ -x "$vssctl_bin" ] || die "no vssctl at $vssctl_bin"
 
 # ---------------------------------------------------------------------------------------
 # The root tree: base/ + the test's files, in a staging copy (base/ stays pristine).
 stage=$out/work/root
 rm -rf "$stage"
 cp -a "$out/base" "$stage"
-install -m 0755 "$rel/vssd" "$stage/usr/sbin/vssd"
-install -m 0755 "$rel/vssctl" "$stage/usr/bin/vssctl"
+install -m 0755 "$vssd_bin" "$stage/usr/sbin/vssd"
+install -m 0755 "$vssctl_bin" "$stage/usr/bin/vssctl"
 install -D -m 0644 "$ws/packaging/vssd.service" "$stage/lib/systemd/system/vssd.service"
 install -D -m 0644 "$ws/packaging/60-vssd.rules" "$stage/lib/udev/rules.d/60-vssd.rules"
 install -D -m 0644 "$ws/packaging/tmpfiles-vssd.conf" "$stage/usr/lib/tmpfiles.d/vssd.conf"
@@ -106,7 +112,8 @@ install -D -m 0644 "$ws/packaging/tmpfiles-vssd.conf" "$stage/usr/lib/tmpfiles.d
 
 echo vmsys >"$stage/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 vmsys\n' >"$stage/etc/hosts"
-: >"$stage/etc/machine-id"
+# A fixed machine id: no first-boot setup (systemd-firstboot) under the test.
+echo vmsys | md5sum | cut -c1-32 >"$stage/etc/machine-id"
 # The group of vssd's application socket (app-socket-group in vssd.toml), as sysusers.d makes it.
 grep -q '^vssd:' "$stage/etc/group" || groupadd -R "$stage" --system vssd
 cat >"$stage/etc/fstab" <<'EOF'
@@ -127,7 +134,9 @@ printf '[Journal]\nStorage=volatile\n' >"$stage/etc/systemd/journald.conf.d/vmte
 cat >"$stage/usr/local/sbin/vmtest-shell" <<'EOF'
 #!/bin/sh
 # The port reads end-of-file while no host is connected: start a new shell until one is.
-exec 3<>/dev/virtio-ports/org.vssd.shell.0
+port=/dev/virtio-ports/org.vssd.shell.0
+while [ ! -e $port ]; do sleep 0.2; done
+exec 3<>$port
 while :; do
   sh <&3 >&3 2>&3
   sleep 0.2
@@ -148,6 +157,10 @@ RestartSec=1
 
 [Install]
 WantedBy=multi-user.target
+EOF
+# udev starts it when the port appears (the way 60-vssd.rules starts vssd).
+cat >"$stage/etc/udev/rules.d/70-vmtest-shell.rules" <<'EOF'
+SUBSYSTEM=="virtio-ports", ATTR{name}=="org.vssd.shell.0", TAG+="systemd", ENV{SYSTEMD_WANTS}+="vmtest-shell.service"
 EOF
 mkdir -p "$stage/etc/systemd/system/multi-user.target.wants"
 ln -sf /etc/systemd/system/vmtest-shell.service "$stage/etc/systemd/system/multi-user.target.wants/vmtest-shell.service"
