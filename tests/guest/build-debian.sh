@@ -102,7 +102,7 @@ vssctl_bin=$target/debug/vssctl
 # The root disk and the initramfs, remade only when their inputs change: base/, this script,
 # vssd, vssctl, the packaging files, the kernel.
 root_key=$( { echo "$base_key $KERNEL_PACKAGE"; cat "$0" "$vssd_bin" "$vssctl_bin" "$ws"/packaging/vssd.service \
-  "$ws"/packaging/60-vssd.rules "$ws"/packaging/tmpfiles-vssd.conf "$ws"/packaging/vssd.toml 2>/dev/null; } | sha256sum | cut -c1-16)
+  "$ws"/packaging/60-vssd.rules "$ws"/packaging/tmpfiles-vssd.conf "$ws"/packaging/vssd.toml "$rel/examples/sqlite_writer" 2>/dev/null; } | sha256sum | cut -c1-16)
 if [ "$(cat "$out/root.key" 2>/dev/null)" = "$root_key" ] && [ -f "$out/root.qcow2" ] && [ -f "$out/initrd.img" ]; then
   say "root disk unchanged"
 else
@@ -174,6 +174,31 @@ mkdir -p "$stage/etc/systemd/system/multi-user.target.wants"
 ln -sf /etc/systemd/system/vmtest-shell.service "$stage/etc/systemd/system/multi-user.target.wants/vmtest-shell.service"
 # vssd as its package enables it: started by udev, and at boot by multi-user.target.
 ln -sf /lib/systemd/system/vssd.service "$stage/etc/systemd/system/multi-user.target.wants/vssd.service"
+# An application that holds vssd's freezes: appvss's SQLite writer (build.sh's static build of
+# the example) as a systemd service on /data/db, as a user would run one.
+sqlite_writer_bin=$rel/examples/sqlite_writer
+if [ -x "$sqlite_writer_bin" ]; then
+  install -m 0755 "$sqlite_writer_bin" "$stage/usr/bin/sqlite_writer"
+  cat >"$stage/etc/systemd/system/vmtest-sqlite.service" <<'EOF'
+[Unit]
+Description=vssd tests: appvss's SQLite writer on /data/db, registered with vssd
+RequiresMountsFor=/data/db
+Wants=vssd.service
+After=vssd.service
+
+[Service]
+ExecStart=/usr/bin/sqlite_writer /data/db/app.db --name sqlite --interval-ms 20
+StandardOutput=null
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+EOF
+  ln -sf /etc/systemd/system/vmtest-sqlite.service "$stage/etc/systemd/system/multi-user.target.wants/vmtest-sqlite.service"
+else
+  say "no appvss sqlite_writer (build.sh could not build it): the guest has no application"
+fi
 # Nothing the test does not need (they only slow the boot under TCG).
 for u in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer systemd-timesyncd.service; do
   ln -sf /dev/null "$stage/etc/systemd/system/$u"

@@ -186,6 +186,11 @@ impl SysVm {
         self.dir().join("qmp.sock")
     }
 
+    /// A QMP connection (drop it before running vmctl: QEMU serves one QMP client at a time).
+    pub fn qmp(&self) -> hostsim::qmp::Qmp {
+        hostsim::qmp::Qmp::connect(&self.qmp_path(), Duration::from_secs(10)).expect("QMP")
+    }
+
     /// The VM's copy of disk `name` (`root`, `data`, `data2`).
     pub fn disk(&self, name: &str) -> PathBuf {
         let want = format!("{name}.qcow2");

@@ -2,6 +2,7 @@
 //! package installs it. One boot for every check, in order: udev/systemd started vssd at boot;
 //! `vmctl backup` of the VM is quiesced; `systemctl kill -s KILL vssd` while frozen → systemd
 //! restarts it → every filesystem thawed within seconds; the journal has vssd's logs;
+//! the agent port unplugged and hot-plugged again (QMP `device_add`) starts vssd through udev;
 //! `systemctl poweroff` while frozen thaws first and leaves clean filesystems.
 //! Needs root, QEMU and debootstrap; builds the guest on first use (tests/guest/build-debian.sh).
 
@@ -60,10 +61,18 @@ fn vssd_under_systemd_starts_by_udev_survives_a_kill_while_frozen_and_thaws_befo
     let pid0 = main_pid(&vm);
     assert!(pid0 > 0);
 
-    // (2) vmctl backup of the running guest, quiesced by vssd.
+    // (2) vmctl backup of the running guest, quiesced by vssd, with appvss's SQLite writer
+    // (vmtest-sqlite.service) holding the freeze: application-consistent.
+    assert_eq!(vm.sh("systemctl is-active vmtest-sqlite").trim(), "active", "the application service runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let registered = "journalctl -b -u vssd -o cat | grep -q 'app registered.*name=sqlite'";
+    while vm.shell(registered, Duration::from_secs(30)).0 != 0 {
+        assert!(Instant::now() < deadline, "the SQLite writer never registered with vssd");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let v = vm.vmctl_json(&["backup", "sysd", "--quiesce", "required"], 0);
     let consistency = v["consistency"].as_str().unwrap_or("?");
-    assert!(consistency == "application" || consistency == "filesystem", "backup not quiesced: {v}");
+    assert_eq!(consistency, "application", "the backup is not application-consistent: {v}");
     let frozen = v["frozen"].as_u64().unwrap_or(0);
     assert!(frozen >= 5, "the backup froze {frozen} filesystems, want root and the data filesystems: {v}");
     eprintln!(
@@ -107,6 +116,55 @@ fn vssd_under_systemd_starts_by_udev_survives_a_kill_while_frozen_and_thaws_befo
         "the restarted vssd did not log its recovery:\n{journal}"
     );
     eprintln!("[sysguest] journalctl -u vssd: {} lines", journal.lines().count());
+
+    // (6) Hot-plug: the agent port unplugged stops vssd (BindsTo), plugged again (QMP
+    // device_add of the virtserialport) starts it through udev.
+    drop(a); // QEMU's socket serves one client: the one after the hot-plug must get it
+    let mut q = vm.qmp();
+    let list = q.execute("qom-list", Some(json!({"path": "/machine/peripheral-anon"}))).expect("qom-list");
+    let port = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "child<virtserialport>")
+        .map(|e| format!("/machine/peripheral-anon/{}", e["name"].as_str().unwrap()))
+        .find(|p| {
+            q.execute("qom-get", Some(json!({"path": p, "property": "name"}))).ok()
+                == Some(json!("org.qemu.guest_agent.0"))
+        })
+        .expect("the agent's virtserialport in QOM");
+    q.execute("device_del", Some(json!({"id": port}))).expect("device_del of the agent port");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.sh("systemctl is-active vssd || true").trim() == "active" {
+        assert!(Instant::now() < deadline, "vssd still runs 30 s after its port was unplugged");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let t_plug = Instant::now();
+    q.execute(
+        "device_add",
+        Some(json!({"driver": "virtserialport", "bus": "vser0.0", "chardev": "agent",
+                    "name": "org.qemu.guest_agent.0", "id": "agent-hotplug"})),
+    )
+    .expect("device_add of the agent port");
+    drop(q);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut c) = QgaClient::connect(&vm.agent_path()) {
+            c.sync_timeout = Duration::from_secs(2);
+            if c.sync().is_ok() && c.execute("guest-ping", None, Duration::from_secs(5)).is_ok() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vssd did not answer within 60 s of the hot-plug: {}",
+            vm.sh("systemctl status --no-pager vssd 2>&1 || true")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(vm.sh("systemctl is-active vssd").trim(), "active");
+    eprintln!("[sysguest] hot-plugged port: vssd answered {:.1} s after device_add", t_plug.elapsed().as_secs_f64());
+    let mut a = vm.agent();
 
     // (5) systemctl poweroff while frozen: vssd thaws on its stop, the filesystems unmount
     // clean, QEMU ends well before the freeze's own deadline.
