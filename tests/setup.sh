@@ -50,3 +50,23 @@ fi
 modprobe loop 2>/dev/null || true
 [ -e /dev/loop-control ] || { echo "setup.sh: no /dev/loop-control: the loop driver is missing" >&2; exit 1; }
 modprobe fuse 2>/dev/null || true
+
+# ---------------------------------------------------------------------------------------
+# The Debian packages (packaging/build-debs.sh; checked by tests/tests/packages.rs): cargo-deb
+# builds them (dpkg-dev for their dependencies), lintian checks them, pkg-config and man read
+# what they ship.
+deb_pkgs=(lintian dpkg-dev pkgconf man-db)
+deb_missing=()
+for p in "${deb_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || deb_missing+=("$p")
+done
+if [ ${#deb_missing[@]} -gt 0 ]; then
+  echo "setup.sh: installing ${deb_missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${deb_missing[@]}" >/dev/null
+fi
+if ! cargo deb --version 2>/dev/null | grep -q '^3\.8\.'; then
+  echo "setup.sh: installing cargo-deb 3.8 (cargo install cargo-deb --locked)"
+  cargo install cargo-deb --locked --version '~3.8' --quiet
+fi

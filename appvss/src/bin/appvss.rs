@@ -49,6 +49,9 @@ struct Cli {
 enum Cmd {
     Hold(HoldArgs),
     Status(StatusArgs),
+    /// Print the man page (roff), appvss(1).
+    #[command(hide = true)]
+    Man,
 }
 
 const HOLD_EXAMPLES: &str = "\
@@ -135,6 +138,12 @@ struct StatusArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Man) {
+        return match man_page(&mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(1),
+        };
+    }
     let level = match cli.verbose {
         0 => "info",
         1 => "debug",
@@ -163,9 +172,61 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Hold(a) => hold(a).await,
             Cmd::Status(a) => status(a).await,
+            Cmd::Man => unreachable!("handled before the runtime starts"),
         }
     });
     ExitCode::from(code)
+}
+
+/// appvss(1): the program's own sections, then one per command (`appvss hold`, `appvss
+/// status`) with its synopsis, description, options and examples, then the exit codes.
+fn man_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.clone()).section("1");
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+        let name = format!("appvss {}", sub.get_name());
+        // -v and --help are in appvss's own OPTIONS.
+        let sub = sub.clone().bin_name(&name).mut_args(|a| {
+            let shared = a.is_global_set() || matches!(a.get_id().as_str(), "help" | "version");
+            if shared {
+                a.hide(true)
+            } else {
+                a
+            }
+        });
+        let man = clap_mangen::Man::new(sub.clone());
+        let mut text = Vec::new();
+        man.render_synopsis_section(&mut text)?;
+        man.render_description_section(&mut text)?;
+        man.render_options_section(&mut text)?;
+        if sub.get_after_help().is_some() {
+            man.render_extra_section(&mut text)?;
+        }
+        let text = String::from_utf8_lossy(&text).replace(".SH EXTRA", ".SH EXAMPLES").replace(".SH ", ".SS ");
+        writeln!(page, ".SH \"{}\"", name.to_uppercase())?;
+        page.extend_from_slice(text.as_bytes());
+    }
+    man.render_extra_section(&mut page)?;
+    man.render_version_section(&mut page)?;
+    // Each piece clap_mangen renders starts with the same preamble: once is enough.
+    let page = String::from_utf8_lossy(&page);
+    let mut seen = HashSet::new();
+    for line in page.lines() {
+        if (line.starts_with(".ie ") || line.starts_with(".el ")) && !seen.insert(line) {
+            continue;
+        }
+        let line = if line == ".SH EXTRA" { ".SH \"EXIT STATUS\"" } else { line };
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }
 
 /// An error and its sources, each once: `Display` of this crate's errors leaves the source out.
