@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the VM tier's systemd guest: a Debian 12 root filesystem made with debootstrap from
-# Debian's packages, booted with the kernel tests/guest/build.sh fetches, vssd installed in it
-# as a package would install it (binaries, unit, udev rule, tmpfiles.d). Into a cache directory
+# Debian's packages, booted with the kernel tests/guest/build.sh fetches, vssd's Debian package
+# installed in it with dpkg -i (packaging/build-debs.sh; without it, the binaries, unit, udev
+# rule and tmpfiles.d copied in as the package would install them). Into a cache directory
 # (default $CARGO_TARGET_DIR/guest-debian, else <workspace>/target/guest-debian; GUEST_DEBIAN_DIR
 # overrides):
 #
@@ -9,7 +10,8 @@
 #                    script's debootstrap section, the package list, suite and mirror)
 #   base.key         the key base/ was made with
 #   root.qcow2       the root disk: ext4 "vmroot" made from base/ + the test's files + vssd
-#                    (mkfs.ext4 -d: no loop device, no mount)
+#                    (mkfs.ext4 -d: no loop device, no mount); remade when its inputs change
+#                    (root.key: this script, the package or binaries, the kernel)
 #   initrd.img       a busybox initramfs that loads virtio_blk and ext4, mounts /dev/vda and
 #                    switch_roots into systemd
 #   vmlinuz          the kernel (a copy of build.sh's)
@@ -23,7 +25,9 @@
 # (the protocol of TestVm::shell); journald keeps its journal in /run (Storage=volatile), so
 # that nothing it does touches a frozen filesystem.
 #
-# Env:  DEBIAN_MIRROR  the mirror debootstrap uses (default: the first deb.debian.org-style
+# Env:  VSSD_DEB       install this vssd package instead of building one.
+#       VSSD_GUEST_COPY=1  copy the binaries in instead of installing the package.
+#       DEBIAN_MIRROR  the mirror debootstrap uses (default: the first deb.debian.org-style
 #                      URI of this machine's apt sources, else http://deb.debian.org/debian).
 # Prints the output directory on its last line.
 set -euo pipefail
@@ -87,22 +91,39 @@ fi
 # BASE-END
 
 # ---------------------------------------------------------------------------------------
-# vssd: build.sh's static one. vssctl: the workspace build's (run-all.sh's build step; the
-# same cargo command, so nothing rebuilds), linked against this machine's glibc, which is
-# Debian 12's like the guest's. (A static vssctl built apart from build.sh's vssd would make
-# cargo unify features differently and rebuild both on every run.)
-(cd "$ws" && CARGO_TARGET_DIR="$target" cargo build --workspace --locked --bins --quiet) \
-  || die "cargo could not build the workspace's binaries (vssctl for the guest)"
-vssd_bin=$rel/vssd
-vssctl_bin=$target/debug/vssctl
-[ -x "$vssd_bin" ] || die "no static vssd at $vssd_bin (tests/guest/build.sh builds it)"
-[ -x "$vssctl_bin" ] || die "no vssctl at $vssctl_bin"
+# vssd: the Debian package (packaging/build-debs.sh; VSSD_DEB overrides), installed with
+# `dpkg -i` in the root tree. Without a package builder (or with VSSD_GUEST_COPY=1), as
+# before: build.sh's static vssd, the workspace build's vssctl (run-all.sh's build step, the
+# same cargo command, so nothing rebuilds; linked against this machine's glibc, which is
+# Debian 12's like the guest's) and the unit, udev rule and tmpfiles.d copied from packaging/.
+deb=${VSSD_DEB:-}
+if [ -z "$deb" ] && [ -z "${VSSD_GUEST_COPY:-}" ] && [ -f "$ws/packaging/build-debs.sh" ]; then
+  say "building the Debian packages (packaging/build-debs.sh)"
+  deb=$(cd "$ws" && CARGO_TARGET_DIR="$target" bash packaging/build-debs.sh 2>"$out/work/build-debs.log" | grep '/vssd_[^/]*\.deb$' | head -n 1) \
+    || { tail -n 30 "$out/work/build-debs.log" >&2; die "packaging/build-debs.sh failed (log: $out/work/build-debs.log)"; }
+  [ -n "$deb" ] || { tail -n 30 "$out/work/build-debs.log" >&2; die "packaging/build-debs.sh printed no vssd_*.deb"; }
+  [[ $deb = /* ]] || deb=$ws/$deb
+fi
+if [ -n "$deb" ]; then
+  [ -f "$deb" ] || die "no package at $deb"
+  say "vssd from the package $(basename "$deb")"
+  vssd_inputs=("$deb")
+else
+  (cd "$ws" && CARGO_TARGET_DIR="$target" cargo build --workspace --locked --bins --quiet) \
+    || die "cargo could not build the workspace's binaries (vssctl for the guest)"
+  vssd_bin=$rel/vssd
+  vssctl_bin=$target/debug/vssctl
+  [ -x "$vssd_bin" ] || die "no static vssd at $vssd_bin (tests/guest/build.sh builds it)"
+  [ -x "$vssctl_bin" ] || die "no vssctl at $vssctl_bin"
+  vssd_inputs=("$vssd_bin" "$vssctl_bin" "$ws"/packaging/vssd.service "$ws"/packaging/60-vssd.rules
+               "$ws"/packaging/tmpfiles-vssd.conf "$ws"/packaging/vssd.toml)
+fi
 
 # ---------------------------------------------------------------------------------------
 # The root disk and the initramfs, remade only when their inputs change: base/, this script,
 # vssd, vssctl, the packaging files, the kernel.
-root_key=$( { echo "$base_key $KERNEL_PACKAGE"; cat "$0" "$vssd_bin" "$vssctl_bin" "$ws"/packaging/vssd.service \
-  "$ws"/packaging/60-vssd.rules "$ws"/packaging/tmpfiles-vssd.conf "$ws"/packaging/vssd.toml "$rel/examples/sqlite_writer" 2>/dev/null; } | sha256sum | cut -c1-16)
+root_key=$( { echo "$base_key $KERNEL_PACKAGE"; cat "$0" "${vssd_inputs[@]}" "$rel/examples/sqlite_writer" 2>/dev/null; } \
+  | sha256sum | cut -c1-16)
 if [ "$(cat "$out/root.key" 2>/dev/null)" = "$root_key" ] && [ -f "$out/root.qcow2" ] && [ -f "$out/initrd.img" ]; then
   say "root disk unchanged"
 else
@@ -111,12 +132,20 @@ rm -f "$out/root.key"
 stage=$out/work/root
 rm -rf "$stage"
 cp -a "$out/base" "$stage"
-install -m 0755 "$vssd_bin" "$stage/usr/sbin/vssd"
-install -m 0755 "$vssctl_bin" "$stage/usr/bin/vssctl"
-install -D -m 0644 "$ws/packaging/vssd.service" "$stage/lib/systemd/system/vssd.service"
-install -D -m 0644 "$ws/packaging/60-vssd.rules" "$stage/lib/udev/rules.d/60-vssd.rules"
-install -D -m 0644 "$ws/packaging/tmpfiles-vssd.conf" "$stage/usr/lib/tmpfiles.d/vssd.conf"
-[ -f "$ws/packaging/vssd.toml" ] && install -D -m 0644 "$ws/packaging/vssd.toml" "$stage/etc/vssd/vssd.toml"
+if [ -n "$deb" ]; then
+  # As an admin installs it: dpkg -i (no systemd runs in the chroot, so nothing starts here).
+  cp "$deb" "$stage/tmp/vssd.deb"
+  chroot "$stage" dpkg -i /tmp/vssd.deb >"$out/work/dpkg.log" 2>&1 \
+    || { cat "$out/work/dpkg.log" >&2; die "dpkg -i $(basename "$deb") failed in the guest's root"; }
+  rm -f "$stage/tmp/vssd.deb"
+else
+  install -m 0755 "$vssd_bin" "$stage/usr/sbin/vssd"
+  install -m 0755 "$vssctl_bin" "$stage/usr/bin/vssctl"
+  install -D -m 0644 "$ws/packaging/vssd.service" "$stage/lib/systemd/system/vssd.service"
+  install -D -m 0644 "$ws/packaging/60-vssd.rules" "$stage/lib/udev/rules.d/60-vssd.rules"
+  install -D -m 0644 "$ws/packaging/tmpfiles-vssd.conf" "$stage/usr/lib/tmpfiles.d/vssd.conf"
+  [ -f "$ws/packaging/vssd.toml" ] && install -D -m 0644 "$ws/packaging/vssd.toml" "$stage/etc/vssd/vssd.toml"
+fi
 
 echo vmsys >"$stage/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 vmsys\n' >"$stage/etc/hosts"
@@ -172,8 +201,8 @@ SUBSYSTEM=="virtio-ports", ATTR{name}=="org.vssd.shell.0", TAG+="systemd", ENV{S
 EOF
 mkdir -p "$stage/etc/systemd/system/multi-user.target.wants"
 ln -sf /etc/systemd/system/vmtest-shell.service "$stage/etc/systemd/system/multi-user.target.wants/vmtest-shell.service"
-# vssd as its package enables it: started by udev, and at boot by multi-user.target.
-ln -sf /lib/systemd/system/vssd.service "$stage/etc/systemd/system/multi-user.target.wants/vssd.service"
+# Copied in: enabled as the unit's [Install] says. (The package enables what it enables.)
+[ -n "$deb" ] || ln -sf /lib/systemd/system/vssd.service "$stage/etc/systemd/system/multi-user.target.wants/vssd.service"
 # An application that holds vssd's freezes: appvss's SQLite writer (build.sh's static build of
 # the example) as a systemd service on /data/db, as a user would run one.
 sqlite_writer_bin=$rel/examples/sqlite_writer
