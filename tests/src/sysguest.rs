@@ -76,7 +76,9 @@ pub fn image() -> &'static DebianImage {
 /// Why the systemd guest cannot run here, if it cannot (builds the image first).
 pub fn cannot_run() -> Option<String> {
     if !crate::is_root() {
-        return Some("the systemd guest needs root (debootstrap, QEMU): run it as root, e.g. `sudo tests/run-all.sh`".into());
+        return Some(
+            "the systemd guest needs root (debootstrap, QEMU): run it as root, e.g. `sudo tests/run-all.sh`".into(),
+        );
     }
     if Command::new("debootstrap").arg("--version").output().is_err() {
         return Some("debootstrap is missing: run tests/setup.sh (or apt-get install debootstrap)".into());
@@ -143,7 +145,11 @@ impl SysVm {
                 }
             }
             assert!(vm.pid().is_some(), "QEMU ended during the boot; console:\n{}", vm.console());
-            assert!(Instant::now() < deadline, "vssd did not answer within 300 s of the boot; console:\n{}", vm.console());
+            assert!(
+                Instant::now() < deadline,
+                "vssd did not answer within 300 s of the boot; console:\n{}",
+                vm.console()
+            );
             std::thread::sleep(Duration::from_millis(250));
         }
         vm.boot_to_vssd = t0.elapsed();
@@ -314,7 +320,8 @@ impl Drop for SysVm {
         if std::thread::panicking() {
             eprintln!("--- guest console ({}):\n{}--- end of console", self.name, self.console());
             if self.pid().is_some() {
-                match self.try_shell("journalctl -b --no-pager -n 80 -u vssd -u vmtest-shell", Duration::from_secs(10)) {
+                match self.try_shell("journalctl -b --no-pager -n 80 -u vssd -u vmtest-shell", Duration::from_secs(10))
+                {
                     Ok((_, log)) => eprintln!("--- vssd's journal:\n{log}--- end of journal"),
                     Err(e) => eprintln!("--- no journal: {e}"),
                 }

@@ -52,7 +52,10 @@ fn vssd_under_systemd_starts_by_udev_survives_a_kill_while_frozen_and_thaws_befo
         "udev did not apply 60-vssd.rules to the agent port:\n{props}"
     );
     let wanted_by = vm.sh("systemctl show -p WantedBy -p TriggeredBy -p BindsTo --value vssd");
-    eprintln!("[sysguest] vssd.service WantedBy/TriggeredBy/BindsTo: {}", wanted_by.split_whitespace().collect::<Vec<_>>().join(" "));
+    eprintln!(
+        "[sysguest] vssd.service WantedBy/TriggeredBy/BindsTo: {}",
+        wanted_by.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
     eprintln!("[sysguest] {}", vm.sh("systemctl status --no-pager -n 0 vssd | head -n 5"));
     eprintln!("[sysguest] mounts:\n{}", vm.sh("findmnt -rno TARGET,FSTYPE,SOURCE -t ext4,xfs,vfat"));
     for m in MOUNTS {
@@ -94,7 +97,10 @@ fn vssd_under_systemd_starts_by_udev_survives_a_kill_while_frozen_and_thaws_befo
     let thawed_after = t_kill.elapsed();
     assert_eq!(code, 0, "writing to every filesystem after the kill: {out}");
     assert!(thawed_after < Duration::from_secs(15), "thawed only {thawed_after:?} after the kill");
-    eprintln!("[sysguest] every filesystem writable {:.1} s after SIGKILL of the frozen vssd", thawed_after.as_secs_f64());
+    eprintln!(
+        "[sysguest] every filesystem writable {:.1} s after SIGKILL of the frozen vssd",
+        thawed_after.as_secs_f64()
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let pid1 = loop {
         let p = main_pid(&vm);
