@@ -128,6 +128,18 @@ end
 begin guest-image
 echo "(Debian kernel, busybox, static vssd; cached in target/guest)"
 bash tests/guest/build.sh --install
+# --- The systemd guest (vm_systemd.rs): Debian 12 from debootstrap, cached in
+# target/guest-debian by its inputs (the first build takes minutes, later ones seconds).
+echo "(Debian 12 systemd guest: debootstrap from Debian's mirror; cached in target/guest-debian)"
+command -v debootstrap >/dev/null || {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null ||
+    { echo "run-all.sh: cannot install debootstrap (apt-get install debootstrap) for the systemd guest" >&2; exit 1; }
+}
+sysguest_t0=$SECONDS
+bash tests/guest/build-debian.sh ||
+  { echo "run-all.sh: the systemd guest did not build (see above: is Debian's mirror reachable?)" >&2; exit 1; }
+echo "(systemd guest: $((SECONDS - sysguest_t0)) s)"
+# --- end of the systemd guest
 end
 
 # `--workspace` on every test step: the same feature resolution as the build step, so no step

@@ -37,6 +37,7 @@ pub mod qemu_ga;
 pub mod qga;
 pub mod report;
 pub mod sandbox;
+pub mod sysguest;
 pub mod vm;
 pub mod vssd;
 
