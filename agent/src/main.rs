@@ -5,6 +5,8 @@
 //! the library's error messages never repeat their sources.
 #![forbid(unsafe_code)]
 
+mod notify;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -309,24 +311,20 @@ async fn run(cfg: Config) -> ExitCode {
         info!(backend = %b.display(), "forwarding the commands vssd does not implement to qemu-ga");
     }
     info!(scope = %agent.config().scope.display(), deadline_s = agent.config().freeze_deadline, "vssd ready");
-    notify_ready();
+    // systemd: every channel serves now. STATUS and the watchdog follow the agent's state.
+    let systemd = notify::Notifier::from_env();
+    systemd.ready(notify::status_text(&agent.state_view(), agent.app_count(), tokio::time::Instant::now()));
+    systemd.spawn(agent.clone());
     wait_for_stop().await;
     info!("stopping");
+    let view = agent.state_view();
+    systemd.stopping(match view.filesystems {
+        0 => "stopping".to_string(),
+        n => format!("stopping: thawing {n} filesystem(s) first"),
+    });
     agent.shutdown().await;
+    systemd.flush(std::time::Duration::from_secs(1));
     ExitCode::SUCCESS
-}
-
-/// Tells systemd (Type=notify) that vssd serves; a no-op elsewhere. Never fatal.
-fn notify_ready() {
-    if let Ok(path) = std::env::var("NOTIFY_SOCKET") {
-        let sock = match path.strip_prefix('@') {
-            Some(_) => return, // abstract sockets: rare for services; skip rather than fail
-            None => PathBuf::from(path),
-        };
-        if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {
-            let _ = s.send_to(b"READY=1\nSTATUS=serving", sock);
-        }
-    }
 }
 
 async fn wait_for_stop() {

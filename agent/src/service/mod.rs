@@ -18,6 +18,9 @@
 //!   removed only once everything this freeze froze has been thawed again, on every path
 //!   (thaw, auto-thaw, a failed or panicking freeze).
 //! - A timer acts only on the freeze that armed it (the generation check).
+//! - Every change of the lifecycle or of the last auto-thaw is published to [`Agent::subscribe`]
+//!   as the lock that made it is released: a watch channel, so publishing never waits for a
+//!   reader (systemd's STATUS, D-Bus) and a slow reader only misses intermediate states.
 
 mod coordinator;
 mod freeze;
@@ -36,7 +39,7 @@ use std::time::Duration;
 
 use crate::apps::Apps;
 use crate::config::{AppFailurePolicy, Config};
-use crate::engine::{self, Kernel, Lifecycle};
+use crate::engine::{self, AutoThawReason, Kernel, Lifecycle};
 use crate::marker::Marker;
 use crate::plan::{self, CannotFreezePolicy};
 
@@ -104,6 +107,65 @@ impl AgentError {
     }
 }
 
+/// The agent's state as its observers see it (systemd's STATUS, D-Bus): published on every
+/// change, read with [`Agent::subscribe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateView {
+    /// `thawed`, `freezing`, `frozen` or `thawing`.
+    pub state: &'static str,
+    /// Filesystems frozen (0 unless `frozen`).
+    pub filesystems: usize,
+    /// When vssd thaws by itself (only while `frozen`).
+    pub deadline: Option<tokio::time::Instant>,
+    /// Why vssd last thawed by itself, if it ever did.
+    pub last_auto_thaw: Option<AutoThawReason>,
+}
+
+impl StateView {
+    fn of(inner: &Inner) -> StateView {
+        let frozen = inner.life.frozen();
+        StateView {
+            state: inner.life.name(),
+            filesystems: frozen.map_or(0, |s| s.filesystems.len()),
+            deadline: frozen.map(|s| s.deadline),
+            last_auto_thaw: inner.last_auto_thaw.as_ref().map(|a| a.reason),
+        }
+    }
+}
+
+/// The state lock held; on release, publishes the state if it changed (never blocks: a
+/// watch channel's send only swaps the value).
+struct StateGuard<'a> {
+    inner: std::sync::MutexGuard<'a, Inner>,
+    tx: &'a tokio::sync::watch::Sender<StateView>,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.inner
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let now = StateView::of(&self.inner);
+        self.tx.send_if_modified(|v| {
+            let changed = *v != now;
+            if changed {
+                *v = now;
+            }
+            changed
+        });
+    }
+}
+
 struct Inner {
     life: Lifecycle,
     last_auto_thaw: Option<AutoThaw>,
@@ -122,6 +184,7 @@ pub struct Agent {
     next_channel: AtomicU64,
     marker: Marker,
     apps: Option<Arc<dyn AppCoordinator>>,
+    state_tx: tokio::sync::watch::Sender<StateView>,
 }
 
 /// What a freeze in progress has engaged and must release if it does not complete.
@@ -144,20 +207,18 @@ impl Agent {
     /// An agent whose freezes include the apps of any coordinator (tests script one).
     pub fn with_coordinator(cfg: Config, kernel: Arc<dyn Kernel>, apps: Option<Arc<dyn AppCoordinator>>) -> Arc<Agent> {
         let marker = Marker::new(cfg.state_dir.join("frozen.json"));
+        let inner = Inner { life: Lifecycle::Thawed, last_auto_thaw: None, notice: None, disconnected: HashSet::new() };
+        let (state_tx, _) = tokio::sync::watch::channel(StateView::of(&inner));
         Arc::new(Agent {
             cfg,
             kernel,
             op: tokio::sync::Mutex::new(()),
-            inner: Mutex::new(Inner {
-                life: Lifecycle::Thawed,
-                last_auto_thaw: None,
-                notice: None,
-                disconnected: HashSet::new(),
-            }),
+            inner: Mutex::new(inner),
             generation: AtomicU64::new(0),
             next_channel: AtomicU64::new(1),
             marker,
             apps,
+            state_tx,
         })
     }
 
@@ -165,10 +226,27 @@ impl Agent {
         &self.cfg
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> StateGuard<'_> {
         // A panic while holding this lock cannot leave it half-updated (single assignments),
         // so a poisoned lock is still safe to use; thawing must never be refused.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        StateGuard { inner: self.inner.lock().unwrap_or_else(|p| p.into_inner()), tx: &self.state_tx }
+    }
+
+    /// The state now, and every change from here on (a watch: a reader that falls behind
+    /// sees the latest state, never a queue). Publishing never waits for a reader.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<StateView> {
+        self.state_tx.subscribe()
+    }
+
+    /// The state now; takes the state lock, so it also proves that lock is not stuck (the
+    /// systemd watchdog pings only after this returns).
+    pub fn state_view(&self) -> StateView {
+        StateView::of(&self.lock())
+    }
+
+    /// How many applications are registered; None when vssd serves no applications.
+    pub fn app_count(&self) -> Option<usize> {
+        self.apps.as_ref().map(|a| a.count())
     }
 
     /// A fresh id for a channel connection.

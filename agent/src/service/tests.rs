@@ -175,6 +175,29 @@ async fn the_deadline_thaws_at_the_deadline_not_before() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn subscribers_see_the_freeze_the_thaw_and_the_auto_thaw() {
+    let r = rig();
+    let mut rx = r.agent.subscribe();
+    assert_eq!(rx.borrow_and_update().state, "thawed");
+    r.agent.freeze(FreezeRequest::default()).await.unwrap();
+    assert!(rx.has_changed().unwrap());
+    let v = rx.borrow_and_update().clone();
+    assert_eq!((v.state, v.filesystems, v.last_auto_thaw), ("frozen", 3, None));
+    assert_eq!(v.deadline, r.agent.lock().life.frozen().map(|s| s.deadline));
+    r.agent.thaw().await.unwrap();
+    let v = rx.borrow_and_update().clone();
+    assert_eq!((v.state, v.filesystems, v.deadline), ("thawed", 0, None));
+    // A status query changes nothing, so it publishes nothing.
+    let _ = r.agent.status_json();
+    assert!(!rx.has_changed().unwrap());
+    r.agent.freeze(FreezeRequest::default()).await.unwrap();
+    tokio::time::sleep(DEADLINE + MS).await;
+    settle(&r.agent).await;
+    let v = rx.borrow_and_update().clone();
+    assert_eq!((v.state, v.last_auto_thaw), ("thawed", Some(AutoThawReason::Deadline)));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_request_deadline_overrides_the_configured_one() {
     let r = rig();
     r.agent.freeze(FreezeRequest { deadline: Some(Duration::from_secs(2)), ..Default::default() }).await.unwrap();
