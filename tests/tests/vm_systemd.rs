@@ -2,7 +2,8 @@
 //! package installs it. One boot for every check, in order: udev/systemd started vssd at boot;
 //! `vmctl backup` of the VM is quiesced; `systemctl kill -s KILL vssd` while frozen → systemd
 //! restarts it → every filesystem thawed within seconds; the journal has vssd's logs;
-//! the agent port unplugged and hot-plugged again (QMP `device_add`) starts vssd through udev;
+//! a vssd hung (SIGSTOP) while frozen is killed by the watchdog and its restart thaws (with
+//! h-notify's WatchdogSec); the agent port unplugged and hot-plugged again (QMP `device_add`) starts vssd through udev;
 //! `systemctl poweroff` while frozen thaws first and leaves clean filesystems.
 //! Needs root, QEMU and debootstrap; builds the guest on first use (tests/guest/build-debian.sh).
 
@@ -122,6 +123,36 @@ fn vssd_under_systemd_starts_by_udev_survives_a_kill_while_frozen_and_thaws_befo
         "the restarted vssd did not log its recovery:\n{journal}"
     );
     eprintln!("[sysguest] journalctl -u vssd: {} lines", journal.lines().count());
+
+    // (7) A hung vssd while frozen (SIGSTOP: no more WATCHDOG=1) → systemd's watchdog kills it
+    // (WatchdogSec) → the restart thaws what it left.
+    let watchdog = vm.sh("systemctl show -p WatchdogUSec --value vssd").trim().to_string();
+    a.execute("vssd-freeze", Some(json!({"deadline": 120})), Duration::from_secs(60)).unwrap();
+    assert_eq!(a.execute("guest-fsfreeze-status", None, Duration::from_secs(10)).unwrap(), json!("frozen"));
+    drop(a);
+    let pid_stopped = main_pid(&vm);
+    let t_stop = Instant::now();
+    vm.sh(&format!("kill -STOP {pid_stopped}"));
+    let (code, out) = vm.shell(&write_everywhere(), Duration::from_secs(60));
+    let thawed_after = t_stop.elapsed();
+    assert_eq!(code, 0, "writing to every filesystem after vssd hung: {out}");
+    assert!(
+        thawed_after < Duration::from_secs(40),
+        "thawed only {thawed_after:?} after vssd hung (watchdog {watchdog})"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while main_pid(&vm) == pid_stopped || vm.sh("systemctl is-active vssd || true").trim() != "active" {
+        assert!(Instant::now() < deadline, "systemd did not restart vssd after its watchdog fired");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let wd_log = vm.sh("journalctl -b -u vssd --no-pager -o cat | grep 'Watchdog timeout' || true");
+    assert!(!wd_log.trim().is_empty(), "systemd did not log a watchdog timeout for vssd");
+    eprintln!(
+        "[sysguest] hung vssd (SIGSTOP, watchdog {watchdog}): every filesystem writable {:.1} s later; journal: {}",
+        thawed_after.as_secs_f64(),
+        wd_log.lines().next().unwrap_or("")
+    );
+    let a = vm.agent();
 
     // (6) Hot-plug: with the agent port unplugged and vssd stopped, the port plugged again
     // (QMP device_add of the virtserialport) starts vssd through udev.
