@@ -16,6 +16,7 @@
 
 pub mod clock;
 pub mod freeze;
+pub mod hv;
 pub mod mountinfo;
 pub mod net;
 pub mod nvme;
