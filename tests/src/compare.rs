@@ -40,6 +40,7 @@ pub struct Compare {
     right: String,
     checks: Vec<(String, Check)>,
     keys: Vec<(String, String)>,
+    numbers_alike: bool,
 }
 
 impl Default for Compare {
@@ -51,7 +52,7 @@ impl Default for Compare {
 impl Compare {
     /// A comparison of `left`'s replies with `right`'s (the names the differences print).
     pub fn new(left: &str, right: &str) -> Compare {
-        Compare { left: left.into(), right: right.into(), checks: Vec::new(), keys: Vec::new() }
+        Compare { left: left.into(), right: right.into(), checks: Vec::new(), keys: Vec::new(), numbers_alike: false }
     }
 
     /// Compares what is at `path` (indexes left out, e.g. `[].statistics`; `""` is the whole
@@ -64,6 +65,13 @@ impl Compare {
     /// Matches the elements of the array at `path` by their member `key` instead of their order.
     pub fn key(mut self, path: &str, key: &str) -> Compare {
         self.keys.push((path.into(), key.into()));
+        self
+    }
+
+    /// Takes integers and floats as one type, comparing their values as numbers: QEMU prints
+    /// an integral double as an integer (`1700000000`), serde a float as `1700000000.0`.
+    pub fn numbers_alike(mut self) -> Compare {
+        self.numbers_alike = true;
         self
     }
 
@@ -85,7 +93,8 @@ impl Compare {
 
     fn walk(&self, l: &Value, r: &Value, path: &str, generic: &str, out: &mut Vec<String>) {
         let (tl, tr) = (type_name(l), type_name(r));
-        if tl != tr {
+        let numbers = self.numbers_alike && l.is_number() && r.is_number();
+        if tl != tr && !numbers {
             out.push(format!("{}: {} {tl} {}, {} {tr} {}", show(path), self.left, short(l), self.right, short(r)));
             return;
         }
@@ -107,6 +116,7 @@ impl Compare {
             (Value::Array(a), Value::Array(b)) => self.walk_array(a, b, path, generic, out),
             _ => {
                 let same = match self.rule(generic) {
+                    Check::Equal if numbers => l.as_f64() == r.as_f64(),
                     Check::Equal => l == r,
                     Check::Shape => true,
                     Check::Near(tol) => match (l.as_f64(), r.as_f64()) {
@@ -232,6 +242,13 @@ mod t {
                 "[0].x: vssd integer 1, qemu-ga float 1.5",
             ]
         );
+    }
+
+    #[test]
+    fn numbers_alike_compares_integers_and_floats_by_value() {
+        let (a, b) = (json!({"t": 1700000000, "u": 2}), json!({"t": 1700000000.0, "u": 2.5}));
+        assert_eq!(Compare::default().numbers_alike().diff(&a, &b), vec!["u: vssd 2, qemu-ga 2.5"]);
+        assert_eq!(Compare::default().diff(&a, &b).len(), 2);
     }
 
     #[test]

@@ -11,44 +11,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use tests::compare::{Check, Compare};
 use tests::*;
 
-/// Every difference between two JSON values, as `path: left != right` lines; `lenient` says
-/// which paths may differ a little (usage of filesystems in use outside the test).
-fn differences(
-    path: &str,
-    a: &Value,
-    b: &Value,
-    lenient: &dyn Fn(&str, &Value, &Value) -> bool,
-    out: &mut Vec<String>,
-) {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            for k in x.keys().chain(y.keys().filter(|k| !x.contains_key(*k))) {
-                let p = format!("{path}.{k}");
-                match (x.get(k), y.get(k)) {
-                    (Some(l), Some(r)) => differences(&p, l, r, lenient, out),
-                    (l, r) => out.push(format!("{p}: qemu-ga {l:?}, vssd {r:?}")),
-                }
-            }
-        }
-        (Value::Array(x), Value::Array(y)) => {
-            if x.len() != y.len() {
-                out.push(format!("{path}: qemu-ga has {} entries, vssd {}", x.len(), y.len()));
-            }
-            for (i, (l, r)) in x.iter().zip(y).enumerate() {
-                differences(&format!("{path}[{i}]"), l, r, lenient, out);
-            }
-        }
-        (l, r) if l == r => {}
-        (l, r) if std::mem::discriminant(l) == std::mem::discriminant(r) && lenient(path, l, r) => {}
-        (l, r) => out.push(format!("{path}: qemu-ga {l}, vssd {r}")),
-    }
-}
-
-fn assert_same(what: &str, qga: &Value, vssd: &Value, lenient: &dyn Fn(&str, &Value, &Value) -> bool) {
-    let mut diffs = Vec::new();
-    differences(what, qga, vssd, lenient, &mut diffs);
+/// Asserts that vssd's reply is qemu-ga's, key for key, under `cmp`'s rules.
+fn assert_same(what: &str, cmp: &Compare, qga: &Value, vssd: &Value) {
+    let diffs = cmp.diff(qga, vssd);
     assert!(
         diffs.is_empty(),
         "{what}: vssd differs from qemu-ga:\n  {}\nqemu-ga: {qga}\nvssd:    {vssd}",
@@ -81,21 +49,20 @@ fn fsinfo_and_disks_match_qemu_ga_key_for_key() {
     let mut v = vssd.client();
 
     let (qf, vf) = (q.ok("guest-get-fsinfo", None), v.ok("guest-get-fsinfo", None));
-    // The machine's own filesystem (`/`, and its bind at the sandbox's `mnt/` in qemu-ga's
-    // namespace) is in use: its usage may move between the two calls. The loop filesystems'
-    // must be equal to the byte.
-    let list = qf.as_array().expect("qemu-ga's fsinfo is a list").clone();
+    // The same mounts in the same order; then the sandbox's loop filesystems must be equal to
+    // the byte. The machine's own filesystem (`/`, and its bind at the sandbox's `mnt/` in
+    // qemu-ga's namespace) is in use: its usage may move between the two calls.
     let ours: Vec<Value> = mounts.iter().map(|m| p2s(m)).collect();
-    let lenient = |path: &str, l: &Value, r: &Value| {
-        let i: usize = path.split(['[', ']']).nth(1).and_then(|i| i.parse().ok()).unwrap_or(usize::MAX);
-        let outside = list.get(i).is_some_and(|f| !ours.contains(&f["mountpoint"]));
-        let usage = path.ends_with(".used-bytes") || path.ends_with(".total-bytes");
-        let near = |a: &Value, b: &Value| {
-            a.as_f64().zip(b.as_f64()).is_some_and(|(a, b)| (a - b).abs() <= a.abs() * 0.01 + 1e9)
-        };
-        outside && usage && near(l, r)
+    let mountpoints =
+        |l: &Value| -> Vec<Value> { l.as_array().unwrap().iter().map(|f| f["mountpoint"].clone()).collect() };
+    assert_eq!(mountpoints(&qf), mountpoints(&vf), "guest-get-fsinfo: not qemu-ga's mounts in qemu-ga's order");
+    let part = |l: &Value, mine: bool| -> Value {
+        l.as_array().unwrap().iter().filter(|f| ours.contains(&f["mountpoint"]) == mine).cloned().collect()
     };
-    assert_same("guest-get-fsinfo", &qf, &vf, &lenient);
+    let cmp = Compare::new("qemu-ga", "vssd");
+    assert_same("guest-get-fsinfo (the sandbox's mounts)", &cmp, &part(&qf, true), &part(&vf, true));
+    let moving = cmp.clone().check("[].used-bytes", Check::Near(1e9)).check("[].total-bytes", Check::Near(1e9));
+    assert_same("guest-get-fsinfo (the machine's mounts)", &moving, &part(&qf, false), &part(&vf, false));
 
     // What a host relies on, for each sandbox mount: its type, its device's name, the usage,
     // and no disk for a loop device (virtual: nothing below it).
@@ -127,7 +94,7 @@ fn fsinfo_and_disks_match_qemu_ga_key_for_key() {
             tries += 1;
             continue;
         }
-        assert_same("guest-get-disks", &q1, &vd, &|_, _, _| false);
+        assert_same("guest-get-disks", &Compare::new("qemu-ga", "vssd"), &q1, &vd);
         for m in &mounts[..3] {
             let dev = sb.source_of(m);
             let d = vd

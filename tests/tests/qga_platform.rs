@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tests::compare::{Check, Compare};
 use tests::*;
 
 /// Everything qemu-ga could change the machine with, blocked.
@@ -135,82 +136,18 @@ impl Drop for Agent {
     }
 }
 
-/// A value's JSON type, numbers being one type (QEMU prints an integral double as an
-/// integer; a client reads numbers).
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "bool",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
-
-/// What may differ between the two agents' replies at a path: `Type` (same JSON type, any
-/// value) or `Exact` (same value too).
-#[derive(Clone, Copy, PartialEq)]
-enum Agree {
-    Type,
-    Exact,
-}
-
-/// The differences between `q` (qemu-ga) and `v` (vssd) at `path`: keys, types, and values
-/// where `agree(path)` says they must be equal.
-fn diff(path: &str, q: &Value, v: &Value, agree: &dyn Fn(&str) -> Agree, out: &mut Vec<String>) {
-    if json_type(q) != json_type(v) {
-        out.push(format!("{path}: qemu-ga has a {} ({q}), vssd a {} ({v})", json_type(q), json_type(v)));
-        return;
-    }
-    match (q, v) {
-        (Value::Object(a), Value::Object(b)) => {
-            for k in a.keys().filter(|k| !b.contains_key(*k)) {
-                out.push(format!("{path}.{k}: only qemu-ga has it ({})", a[k]));
-            }
-            for k in b.keys().filter(|k| !a.contains_key(*k)) {
-                out.push(format!("{path}.{k}: only vssd has it ({})", b[k]));
-            }
-            for (k, av) in a {
-                if let Some(bv) = b.get(k) {
-                    diff(&format!("{path}.{k}"), av, bv, agree, out);
-                }
-            }
-        }
-        (Value::Array(a), Value::Array(b)) => {
-            if a.len() != b.len() {
-                out.push(format!(
-                    "{path}: qemu-ga has {} elements, vssd {}\n  qemu-ga: {q}\n  vssd:    {v}",
-                    a.len(),
-                    b.len()
-                ));
-                return;
-            }
-            for (i, (av, bv)) in a.iter().zip(b).enumerate() {
-                diff(&format!("{path}[{i}]"), av, bv, agree, out);
-            }
-        }
-        _ => {
-            let equal = match (q.as_f64(), v.as_f64()) {
-                (Some(x), Some(y)) => x == y,
-                _ => q == v,
-            };
-            if agree(path) == Agree::Exact && !equal {
-                out.push(format!("{path}: qemu-ga {q}, vssd {v}"));
-            }
-        }
-    }
-}
-
-/// The read-only platform commands, and what of their replies must be equal. Everything
-/// else must have the same keys and types.
-fn agree(cmd: &str, path: &str) -> Agree {
+/// How the two agents' replies to a read-only platform command are compared: the same keys
+/// and JSON types everywhere (numbers being one type: QEMU prints an integral double, such as
+/// a login time, as an integer; a client reads numbers), and the same values except where they
+/// move between the calls.
+fn comparison(cmd: &str) -> Compare {
+    let c = Compare::new("qemu-ga", "vssd").numbers_alike();
     match cmd {
         // The clock moves between the two calls.
-        "guest-get-time" => Agree::Type,
+        "guest-get-time" => c.check("", Check::Shape),
         // Counters move; names, MACs, addresses and prefixes must agree.
-        "guest-network-get-interfaces" if path.contains(".statistics.") => Agree::Type,
-        _ => Agree::Exact,
+        "guest-network-get-interfaces" => c.check("return[].statistics", Check::Shape),
+        _ => c,
     }
 }
 
@@ -341,7 +278,7 @@ fn vssd_answers_the_platform_commands_like_qemu_ga() {
         let short = |x: &Value| x.to_string().chars().take(700).collect::<String>();
         eprintln!("{cmd}:\n  qemu-ga: {}\n  vssd:    {}", short(q), short(v));
         assert!(q.get("return").is_some(), "{cmd}: qemu-ga answered {q}");
-        diff(cmd, q, v, &|path| agree(cmd, path), &mut diffs);
+        diffs.extend(comparison(cmd).diff(q, v).into_iter().map(|d| format!("{cmd}: {d}")));
     }
     for (i, (cmd, args)) in bad_requests().iter().enumerate() {
         let (q, v) = (&from_qga.1[i], &from_vssd.1[i]);
