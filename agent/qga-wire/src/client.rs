@@ -455,7 +455,6 @@ fn fresh_id() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::{Event, Splitter};
     use std::os::unix::net::UnixListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
@@ -477,36 +476,6 @@ mod tests {
         }
     }
 
-    /// Serves one connection: reads requests with the agent's own splitter, answers a 0xFF
-    /// with qemu-ga's parse error, each request by `script`; returns when the client leaves.
-    fn serve(s: UnixStream, mut script: Script) {
-        let mut w = s.try_clone().unwrap();
-        let mut r = s;
-        let mut sp = Splitter::new(1 << 20);
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = match r.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            for piece in chunk[..n].split_inclusive(|&b| b == 0xFF) {
-                for ev in sp.feed(piece) {
-                    if let Event::Message(m) = ev {
-                        let v: Value = serde_json::from_slice(&m).unwrap();
-                        if w.write_all(&script(&v)).is_err() {
-                            return;
-                        }
-                    }
-                }
-                if piece.last() == Some(&0xFF) {
-                    let _ = w.write_all(
-                        b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\uFFFD'\"}}\n",
-                    );
-                }
-            }
-        }
-    }
-
     /// A client over a socket pair whose other end `script` serves, after `first` is written.
     fn fake(first: &[u8], script: Script) -> Client {
         let (a, b) = UnixStream::pair().unwrap();
@@ -514,7 +483,8 @@ mod tests {
         std::thread::spawn(move || {
             let mut w = b.try_clone().unwrap();
             w.write_all(&first).unwrap();
-            serve(b, script);
+            let mut script = script;
+            crate::fake::serve(b, |v| crate::fake::Answer::Write(script(v)));
         });
         Client::from_stream(a).unwrap()
     }
@@ -618,7 +588,7 @@ mod tests {
                     deaf.push(s);
                     continue;
                 }
-                std::thread::spawn(move || serve(s, Box::new(qemu_ga)));
+                std::thread::spawn(move || crate::fake::serve(s, |v| crate::fake::Answer::Write(qemu_ga(v))));
             }
         });
         let mut c = Client::connect(&path).unwrap();

@@ -16,6 +16,8 @@
 
 pub mod client;
 pub mod command;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 pub mod reply;
 pub mod stream;
 

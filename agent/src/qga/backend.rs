@@ -407,13 +407,12 @@ fn io_error(e: io::Error) -> ConnError {
 /// the syncs itself, and every other request as the script says.
 #[cfg(test)]
 pub(crate) mod fake {
-    use std::io::{Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use qga_wire::stream::{Event, Splitter};
+    use qga_wire::fake::Answer;
     use serde_json::{json, Value};
 
     /// What the fake does with one request.
@@ -487,57 +486,28 @@ pub(crate) mod fake {
     }
 
     fn serve(s: UnixStream, script: &Script, log: &Mutex<Vec<Value>>) {
-        let mut w = s.try_clone().unwrap();
-        let mut r = s;
-        let mut sp = Splitter::new(1 << 20);
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = match r.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            for piece in chunk[..n].split_inclusive(|&b| b == 0xFF) {
-                for ev in sp.feed(piece) {
-                    let Event::Message(m) = ev else { continue };
-                    let v: Value = serde_json::from_slice(&m).unwrap();
-                    let name = v["execute"].as_str().unwrap_or("").to_string();
-                    let out = match name.as_str() {
-                        "guest-sync-delimited" => {
-                            [&[0xFF][..], &with_id(json!({"return": v["arguments"]["id"]}), &v)].concat()
-                        }
-                        "guest-sync" => with_id(json!({"return": v["arguments"]["id"]}), &v),
-                        _ => {
-                            log.lock().unwrap().push(v.clone());
-                            match script(&name, &v) {
-                                Act::Reply(body) => with_id(body, &v),
-                                Act::Nothing => Vec::new(),
-                                Act::CloseAfter(bytes) => {
-                                    let _ = w.write_all(&bytes);
-                                    return;
-                                }
-                                Act::ReplyThenClose(body) => {
-                                    let _ = w.write_all(&with_id(body, &v));
-                                    return;
-                                }
-                                Act::Late(d, body) => {
-                                    std::thread::sleep(d);
-                                    with_id(body, &v)
-                                }
-                            }
-                        }
-                    };
-                    if w.write_all(&out).is_err() {
-                        return;
-                    }
+        qga_wire::fake::serve(s, |v| {
+            let name = v["execute"].as_str().unwrap_or("").to_string();
+            match name.as_str() {
+                "guest-sync-delimited" => {
+                    Answer::Write([&[0xFF][..], &with_id(json!({"return": v["arguments"]["id"]}), v)].concat())
                 }
-                if piece.last() == Some(&0xFF) {
-                    let e = b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\uFFFD'\"}}\n";
-                    if w.write_all(e).is_err() {
-                        return;
+                "guest-sync" => Answer::Write(with_id(json!({"return": v["arguments"]["id"]}), v)),
+                _ => {
+                    log.lock().unwrap().push(v.clone());
+                    match script(&name, v) {
+                        Act::Reply(body) => Answer::Write(with_id(body, v)),
+                        Act::Nothing => Answer::Write(Vec::new()),
+                        Act::CloseAfter(bytes) => Answer::WriteThenClose(bytes),
+                        Act::ReplyThenClose(body) => Answer::WriteThenClose(with_id(body, v)),
+                        Act::Late(d, body) => {
+                            std::thread::sleep(d);
+                            Answer::Write(with_id(body, v))
+                        }
                     }
                 }
             }
-        }
+        })
     }
 }
 
