@@ -19,6 +19,7 @@ pub mod config;
 pub mod dbus;
 pub mod engine;
 pub mod guest;
+pub mod hyperv;
 pub mod hooks;
 pub mod marker;
 pub mod plan;
