@@ -65,7 +65,10 @@ use std::time::{Duration, Instant};
 
 use kmod_shim::hv::Op;
 
+pub mod client;
+pub mod control;
 pub mod core;
+pub mod cuse;
 
 pub use crate::core::{Event, State, Timeouts, FREEZE_TIMEOUT, UTIL_TIMEOUT};
 
