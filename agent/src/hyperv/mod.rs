@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use device::{holders, CharDevice};
-pub use serve::{answer_for, spawn, Served, Settings};
+pub use serve::{spawn, Served, Settings, Status};
 
 /// The kernel's device as the loop needs it. Each call maps to one system call on the real
 /// device: a read or write moves one whole message.

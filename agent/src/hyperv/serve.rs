@@ -97,15 +97,6 @@ pub fn spawn(
     Ok(Served { stop, status, thread: Some(thread) })
 }
 
-/// The answer vssd gives for `op` when the agent's part went as `ok` says. Exposed so that
-/// docs and tests state one table.
-pub fn answer_for(op: Option<Op>, ok: bool) -> u32 {
-    match op {
-        Some(Op::Freeze | Op::Thaw | Op::HotBackup) if !ok => HV_E_FAIL,
-        _ => HV_S_OK,
-    }
-}
-
 /// Why a session with the device ended.
 enum Ended {
     Stopped,
