@@ -66,4 +66,3 @@ pub fn holders(proc: &Path, device: &Path) -> Vec<(u32, String)> {
     out.sort();
     out
 }
-

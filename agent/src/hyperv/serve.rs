@@ -234,7 +234,9 @@ impl Channel {
                     Ok(hv::VERSION_SIZE) => version = hv::decode_version(&buf[..hv::VERSION_SIZE]).ok(),
                     // A request already: this kernel answers REGISTER1 with nothing.
                     Ok(MSG_SIZE) => early = VssMsg::from_bytes(&buf[..MSG_SIZE]).ok(),
-                    Ok(n) => return Ended::Failed(format!("registration: the kernel answered {n} bytes, not a version")),
+                    Ok(n) => {
+                        return Ended::Failed(format!("registration: the kernel answered {n} bytes, not a version"))
+                    }
                     Err(e) => return Ended::Failed(format!("registration: reading the version failed: {e}")),
                 }
             }
@@ -385,7 +387,9 @@ impl Channel {
             }
         }
         match round {
-            PrepareRound::Busy(state) => info!(state, "Hyper-V HOT_BACKUP: HV_S_OK (apps not asked: a freeze is in progress)"),
+            PrepareRound::Busy(state) => {
+                info!(state, "Hyper-V HOT_BACKUP: HV_S_OK (apps not asked: a freeze is in progress)")
+            }
             PrepareRound::NoApps => info!("Hyper-V HOT_BACKUP: HV_S_OK (no apps registered)"),
             PrepareRound::Asked(r) => info!(apps = r.len(), "Hyper-V HOT_BACKUP: HV_S_OK (apps ready)"),
         }

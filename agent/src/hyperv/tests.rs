@@ -130,17 +130,11 @@ fn rig_with(kernel: Arc<FakeKernel>, apps: Option<FakeApps>, deadline: Duration,
     let cfg = config(dir.path(), deadline);
     let marker = cfg.state_dir.join("frozen.json");
     let apps = apps.map(Arc::new);
-    let agent =
-        Agent::with_coordinator(cfg, kernel.clone(), apps.clone().map(|a| a as Arc<dyn AppCoordinator>));
+    let agent = Agent::with_coordinator(cfg, kernel.clone(), apps.clone().map(|a| a as Arc<dyn AppCoordinator>));
     let emu = Emulator::new(timeouts);
-    let served = spawn(
-        agent.clone(),
-        tokio::runtime::Handle::current(),
-        Box::new(EmuOpener(emu.clone())),
-        None,
-        settings(),
-    )
-    .unwrap();
+    let served =
+        spawn(agent.clone(), tokio::runtime::Handle::current(), Box::new(EmuOpener(emu.clone())), None, settings())
+            .unwrap();
     Rig { _dir: dir, emu, agent, kernel, apps, served: Some(served), marker }
 }
 
@@ -192,7 +186,7 @@ impl Drop for Rig {
 async fn a_full_sequence_answers_as_hv_vss_daemon_and_freezes_like_qga() {
     let r = rig();
     r.registered(1).await;
-    assert_eq!(r.status().kernel_version, Some(129), "the kernel answers REGISTER1 with VSS_OP_REGISTER1");
+    assert_eq!(r.status().kernel_version, Some(kmod_shim::hv::KERNEL_VERSION_REGISTER1));
     assert_eq!(r.emu.registered(), Some(Op::Register1 as u8));
 
     // GET_DM_INFO is the kernel's own; vssd never sees it.
@@ -245,16 +239,7 @@ async fn hot_backup_with_ready_apps_is_yes_and_releases_them_before_the_freeze()
     assert_eq!(r.host(Op::Freeze).await.error, HV_S_OK);
     assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK);
     let log = r.apps.as_ref().unwrap().log.lock().unwrap().clone();
-    assert_eq!(
-        log,
-        [
-            "prepare 1",
-            "thaw [1, 2] 1 Aborted",
-            "prepare 2",
-            "freeze [1, 2] 2",
-            "thaw [1, 2] 2 Completed"
-        ]
-    );
+    assert_eq!(log, ["prepare 1", "thaw [1, 2] 1 Aborted", "prepare 2", "freeze [1, 2] 2", "thaw [1, 2] 2 Completed"]);
 }
 
 #[tokio::test]
