@@ -112,3 +112,12 @@ pub fn status_json() -> Option<serde_json::Value> {
     }
     Some(served.iter().map(|s| serde_json::to_value(s.status()).unwrap_or_default()).collect())
 }
+
+/// Stops every published channel (a test that served a device path through the server).
+#[cfg(test)]
+pub(crate) fn stop_all() {
+    let served: Vec<Served> = std::mem::take(&mut *SERVED.lock().unwrap_or_else(|p| p.into_inner()));
+    for s in served {
+        s.stop();
+    }
+}

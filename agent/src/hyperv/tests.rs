@@ -14,6 +14,7 @@ use super::*;
 use crate::apps::{Answer, AppReport, PhaseResult};
 use crate::config::Config;
 use crate::engine::fake::FakeKernel;
+use crate::engine::Kernel;
 use crate::service::{Agent, AppCoordinator, BoxFuture, FreezeRequest};
 
 const T: Duration = Duration::from_secs(10);
@@ -367,12 +368,153 @@ async fn a_qga_freeze_and_a_hyperv_freeze_never_interleave() {
 
 #[test]
 fn holders_names_the_process_that_has_the_device_open() {
-    // This test's own process is left out; a file it holds is found through /proc of
-    // another: here, nobody holds a fresh temp file.
     let d = tempfile::tempdir().unwrap();
     let f = d.path().join("dev");
     std::fs::write(&f, b"").unwrap();
     assert!(holders(Path::new("/proc"), &f).is_empty());
     let e = OpenError::from_io(&f, io::Error::from_raw_os_error(libc::EBUSY));
     assert!(e.to_string().contains("already open in another process"), "{e}");
+    // A process that holds it (here on its stdin) is named, with its pid.
+    let mut child =
+        std::process::Command::new("sleep").arg("30").stdin(std::fs::File::open(&f).unwrap()).spawn().unwrap();
+    let end = Instant::now() + T;
+    let found = loop {
+        let h = holders(Path::new("/proc"), &f);
+        if !h.is_empty() || Instant::now() > end {
+            break h;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(found, vec![(child.id(), "sleep".to_string())]);
+}
+
+/// A loop-mounted ext4 of the test's own, unmounted and detached on drop.
+struct LoopFs {
+    dir: tempfile::TempDir,
+    loopdev: String,
+}
+
+impl LoopFs {
+    fn new() -> LoopFs {
+        let run = |cmd: &str, args: &[&str]| {
+            let out = std::process::Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+            assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+        run("mkfs.ext4", &["-q", img.to_str().unwrap()]);
+        let loopdev = run("losetup", &["-f", "--show", img.to_str().unwrap()]);
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        run("mount", &[&loopdev, mnt.to_str().unwrap()]);
+        LoopFs { dir, loopdev }
+    }
+    fn mnt(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let mnt = self.mnt();
+        let _ = crate::engine::RealKernel.thaw(&mnt);
+        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        let _ = std::process::Command::new("losetup").args(["-d", &self.loopdev]).status();
+    }
+}
+
+/// Reads exactly `n` bytes from the pty's master (the kernel's side of this test).
+fn read_exact_master(m: &mut nix::pty::PtyMaster, n: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    m.read_exact(&mut buf).unwrap();
+    buf
+}
+
+#[tokio::test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+async fn the_real_device_path_serves_a_freeze_and_thaw_of_a_real_filesystem() {
+    use nix::fcntl::OFlag;
+    use std::io::Write;
+    assert!(nix::unistd::geteuid().is_root(), "needs root (loop devices, FIFREEZE): run tests/run-all.sh as root");
+    // A pty in raw mode stands in for /dev/vmbus/hv_vss: vssd opens its slave by path and does
+    // blocking reads, writes and poll(2) on it as on the kernel's device; the test plays the
+    // kernel on the master (one whole message per write).
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY).unwrap();
+    nix::pty::grantpt(&master).unwrap();
+    nix::pty::unlockpt(&master).unwrap();
+    let slave = std::path::PathBuf::from(nix::pty::ptsname_r(&master).unwrap());
+    let keep = std::fs::OpenOptions::new().read(true).write(true).open(&slave).unwrap();
+    let mut t = nix::sys::termios::tcgetattr(&keep).unwrap();
+    nix::sys::termios::cfmakeraw(&mut t);
+    nix::sys::termios::tcsetattr(&keep, nix::sys::termios::SetArg::TCSANOW, &t).unwrap();
+
+    let fs = LoopFs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        scope: fs.mnt(),
+        state_dir: dir.path().join("state"),
+        hooks_dirs: vec![],
+        freeze_deadline: 20.0,
+        channels: vec![crate::config::ChannelSpec::HyperV(slave.clone())],
+        ..Config::default()
+    };
+    let agent = Agent::new(cfg.clone(), Arc::new(crate::engine::RealKernel));
+    crate::server::start(agent.clone(), &cfg.channels, None).await.unwrap();
+
+    let kernel_side = tokio::task::spawn_blocking(move || {
+        let mut m = master;
+        let reg = VssMsg::from_bytes(&read_exact_master(&mut m, 12)).unwrap();
+        assert_eq!(reg.op(), Some(Op::Register1));
+        m.write_all(&kmod_shim::hv::KERNEL_VERSION_REGISTER1.to_ne_bytes()).unwrap();
+        // A pty is a byte stream: let vssd take the version before the first request, so the
+        // two are not read as one (the kernel's device hands over one message per read).
+        let end = Instant::now() + T;
+        while super::status_json().is_none_or(|s| s[0]["registered"] != true) {
+            assert!(Instant::now() < end, "vssd did not register");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut answers = vec![];
+        for op in [Op::HotBackup, Op::Freeze] {
+            m.write_all(&VssMsg::with_op(op as u8).to_bytes()).unwrap();
+            answers.push(VssMsg::from_bytes(&read_exact_master(&mut m, 12)).unwrap());
+        }
+        (m, answers)
+    });
+    let (mut m, answers) = tokio::time::timeout(T, kernel_side).await.expect("vssd answers in time").unwrap();
+    assert_eq!(answers[0].error(), HV_S_OK);
+    assert_eq!(answers[1].error(), HV_S_OK);
+    assert_eq!(agent.status(), "frozen");
+    // Really frozen: a second FIFREEZE of it is EBUSY.
+    let again = crate::engine::RealKernel.freeze(&fs.mnt()).unwrap_err();
+    assert_eq!(again.raw_os_error(), Some(libc::EBUSY), "{again}");
+
+    let kernel_side = tokio::task::spawn_blocking(move || {
+        m.write_all(&VssMsg::with_op(Op::Thaw as u8).to_bytes()).unwrap();
+        let answer = VssMsg::from_bytes(&read_exact_master(&mut m, 12)).unwrap();
+        (m, answer)
+    });
+    let (m, thawed) = tokio::time::timeout(T, kernel_side).await.expect("vssd answers in time").unwrap();
+    assert_eq!(thawed.error(), HV_S_OK);
+    assert_eq!(agent.status(), "thawed");
+    std::fs::write(fs.mnt().join("after-thaw"), b"writable").unwrap();
+    let st = super::status_json().expect("the channel is published for vssd-status");
+    assert_eq!(st[0]["registered"], true, "{st}");
+    assert_eq!(st[0]["kernel-version"], 129, "{st}");
+    assert_eq!(st[0]["requests"], 3, "{st}");
+    // The device going away (here: the pty's other end closing) is noticed, not spun on.
+    drop(m);
+    let end = Instant::now() + T;
+    while super::status_json().unwrap()[0]["registered"] == true {
+        assert!(Instant::now() < end, "the closed device went unnoticed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Its thread is between attempts to open it again now: stop it, so that it never opens
+    // a pty that another process gets under the same name.
+    tokio::task::spawn_blocking(super::stop_all).await.unwrap();
+    drop(keep);
 }
