@@ -385,6 +385,8 @@ async fn run(cfg: Config) -> ExitCode {
         0 => "stopping".to_string(),
         n => format!("stopping: thawing {n} filesystem(s) first"),
     });
+    // The Hyper-V channel acts on no request from here on, and the one in progress ends first.
+    vssd::hyperv::quiesce_all(std::time::Duration::from_secs(30)).await;
     agent.shutdown().await;
     systemd.flush(std::time::Duration::from_secs(1));
     ExitCode::SUCCESS

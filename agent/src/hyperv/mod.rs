@@ -113,6 +113,16 @@ pub fn status_json() -> Option<serde_json::Value> {
     Some(served.iter().map(|s| serde_json::to_value(s.status()).unwrap_or_default()).collect())
 }
 
+/// Quiesces every published channel before vssd's shutdown thaws ([`Served::quiesce`]).
+pub async fn quiesce_all(limit: Duration) {
+    // Out of the list while waiting (no lock held across an await), then back for status.
+    let list = std::mem::take(&mut *SERVED.lock().unwrap_or_else(|p| p.into_inner()));
+    for s in &list {
+        s.quiesce(limit).await;
+    }
+    SERVED.lock().unwrap_or_else(|p| p.into_inner()).extend(list);
+}
+
 /// Stops every published channel (a test that served a device path through the server).
 #[cfg(test)]
 pub(crate) fn stop_all() {

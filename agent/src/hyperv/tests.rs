@@ -518,3 +518,20 @@ async fn the_real_device_path_serves_a_freeze_and_thaw_of_a_real_filesystem() {
     tokio::task::spawn_blocking(super::stop_all).await.unwrap();
     drop(keep);
 }
+
+#[tokio::test]
+async fn a_freeze_under_way_when_vssd_stops_is_not_answered_ok_and_the_shutdown_thaws() {
+    let r = rig_with(FakeKernel::new().delay(Duration::from_millis(300)), None, T, Timeouts { freeze: T, other: T });
+    r.registered(1).await;
+    let e = r.emu.clone();
+    let freeze = tokio::task::spawn_blocking(move || e.request(Op::Freeze));
+    r.until("freezing", |r| r.agent.status() == "frozen").await;
+    r.served.as_ref().unwrap().quiesce(T).await;
+    r.agent.shutdown().await;
+    assert_eq!(r.agent.status(), "thawed");
+    assert_eq!(r.count("thaw "), 3);
+    // The device closes when its loop ends (here: at once; in vssd: at exit): the kernel
+    // fails the FREEZE to the host, which never heard HV_S_OK.
+    let a = freeze.await.unwrap();
+    assert_eq!(a.error, HV_E_FAIL, "{a:?}");
+}
