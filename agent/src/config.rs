@@ -24,20 +24,36 @@ pub enum ChannelSpec {
     VirtioSerial(String),
     /// An AF_VSOCK port, from any CID.
     Vsock(u32),
+    /// The Hyper-V VSS device of Linux's `hv_utils` driver (`/dev/vmbus/hv_vss`): the host's
+    /// backup asks for freeze and thaw through it (docs/hyperv.md).
+    HyperV(PathBuf),
+}
+
+impl ChannelSpec {
+    /// The Hyper-V channel at the kernel's own path.
+    pub fn hyperv_default() -> ChannelSpec {
+        ChannelSpec::HyperV(kmod_shim::hv::DEVICE_PATH.into())
+    }
 }
 
 impl std::str::FromStr for ChannelSpec {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let bad = |why: &'static str| ConfigError::Channel { spec: s.to_string(), why };
-        let (kind, rest) = s.split_once(':').ok_or(bad("needs a kind: unix:PATH, virtio-serial:NAME or vsock:PORT"))?;
+        if s == "hyperv" {
+            return Ok(ChannelSpec::hyperv_default());
+        }
+        let (kind, rest) =
+            s.split_once(':').ok_or(bad("needs a kind: unix:PATH, virtio-serial:NAME, vsock:PORT or hyperv[:PATH]"))?;
         match kind {
             "unix" if !rest.is_empty() => Ok(ChannelSpec::Unix(rest.into())),
             "virtio-serial" if !rest.is_empty() => Ok(ChannelSpec::VirtioSerial(rest.into())),
             "vsock" => {
                 rest.parse().map(ChannelSpec::Vsock).map_err(|_| bad("vsock needs a port number, e.g. vsock:1234"))
             }
-            _ => Err(bad("use unix:PATH, virtio-serial:NAME or vsock:PORT")),
+            "hyperv" if rest.starts_with('/') => Ok(ChannelSpec::HyperV(rest.into())),
+            "hyperv" => Err(bad("hyperv takes an absolute device path, e.g. hyperv:/dev/vmbus/hv_vss")),
+            _ => Err(bad("use unix:PATH, virtio-serial:NAME, vsock:PORT or hyperv[:PATH]")),
         }
     }
 }
@@ -61,6 +77,7 @@ impl std::fmt::Display for ChannelSpec {
             ChannelSpec::Unix(p) => write!(f, "unix:{}", p.display()),
             ChannelSpec::VirtioSerial(n) => write!(f, "virtio-serial:{n}"),
             ChannelSpec::Vsock(p) => write!(f, "vsock:{p}"),
+            ChannelSpec::HyperV(p) => write!(f, "hyperv:{}", p.display()),
         }
     }
 }
@@ -234,7 +251,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.channels.is_empty() && !self.control_socket {
-            return bad("no channels: give at least one (--channel unix:PATH|virtio-serial:NAME|vsock:PORT)".into());
+            return bad(
+                "no channels: give at least one (--channel unix:PATH|virtio-serial:NAME|vsock:PORT|hyperv[:PATH])"
+                    .into(),
+            );
         }
         if !self.scope.is_absolute() {
             return bad(format!("scope `{}` must be an absolute path", self.scope.display()));
@@ -313,12 +333,18 @@ mod tests {
 
     #[test]
     fn channel_specs_parse_and_print_back() {
-        for s in ["unix:/run/x.sock", "virtio-serial:org.qemu.guest_agent.0", "vsock:1234"] {
+        for s in ["unix:/run/x.sock", "virtio-serial:org.qemu.guest_agent.0", "vsock:1234", "hyperv:/dev/vmbus/hv_vss"]
+        {
             assert_eq!(s.parse::<ChannelSpec>().unwrap().to_string(), s);
         }
         let err = "vsock:abc".parse::<ChannelSpec>().unwrap_err().to_string();
         assert!(err.contains("port number"), "{err}");
         assert!("tcp:1".parse::<ChannelSpec>().is_err());
+        // `hyperv` alone is the kernel's device; a path must be absolute.
+        assert_eq!("hyperv".parse::<ChannelSpec>().unwrap(), ChannelSpec::HyperV("/dev/vmbus/hv_vss".into()));
+        assert_eq!("hyperv:/tmp/hv".parse::<ChannelSpec>().unwrap(), ChannelSpec::HyperV("/tmp/hv".into()));
+        let err = "hyperv:dev/x".parse::<ChannelSpec>().unwrap_err().to_string();
+        assert!(err.contains("absolute"), "{err}");
     }
 
     #[test]

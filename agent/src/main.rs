@@ -36,6 +36,13 @@ use vssd::service::Agent;
 /// never runs a program nor writes a file a host names; without a backend those commands do
 /// not exist.
 ///
+/// On Hyper-V (and Azure), `--channel hyperv` serves the host's backup (VSS) through Linux's
+/// `hv_utils` device /dev/vmbus/hv_vss in place of hv_vss_daemon (stop that daemon first: the
+/// kernel allows one opener): FREEZE runs the same app + hook + filesystem freeze as the QGA
+/// freeze, with the same deadline; HOT_BACKUP asks the apps and fails on a veto. When no
+/// channel is configured and /dev/vmbus/hv_vss exists, vssd serves it by itself (and the QGA
+/// port too, if the VM has one). See docs/hyperv.md.
+///
 /// Flags override the config file (default /etc/vssd/vssd.toml; `--print-config` shows the result).
 ///
 /// Exit codes: 0 stopped cleanly (thawed first), 1 runtime error (a channel could not be
@@ -43,14 +50,16 @@ use vssd::service::Agent;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Examples:\n  vssd                                   # virtio-serial port org.qemu.guest_agent.0\n  vssd --channel vsock:4444 --channel virtio-serial:org.qemu.guest_agent.0\n  vssd --channel unix:/run/vssd/test.sock --scope /srv/data --freeze-deadline 10\n  vssd --qga-backend /run/qga-backend.sock            # qemu-ga behind vssd for the rest"
+    after_help = "Examples:\n  vssd                                   # virtio-serial port org.qemu.guest_agent.0\n  vssd --channel vsock:4444 --channel virtio-serial:org.qemu.guest_agent.0\n  vssd --channel unix:/run/vssd/test.sock --scope /srv/data --freeze-deadline 10\n  vssd --qga-backend /run/qga-backend.sock            # qemu-ga behind vssd for the rest\n  vssd --channel hyperv                  # Hyper-V VSS through /dev/vmbus/hv_vss (in place of hv_vss_daemon)"
 )]
 struct Cli {
     /// Config file (TOML). Missing default file: built-in defaults.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Where the host reaches vssd: unix:PATH, virtio-serial:NAME or vsock:PORT. Repeatable;
-    /// replaces the config's list.
+    /// Where the host reaches vssd: unix:PATH, virtio-serial:NAME, vsock:PORT, or hyperv[:PATH]
+    /// (the Hyper-V VSS device, default /dev/vmbus/hv_vss). Repeatable; replaces the config's
+    /// list. With none here nor in the config, vssd serves hyperv by itself when
+    /// /dev/vmbus/hv_vss exists.
     #[arg(long = "channel", value_name = "SPEC")]
     channels: Vec<ChannelSpec>,
     /// Only mounts at or below this path are ever touched (default /).
@@ -141,14 +150,44 @@ fn chain(e: impl Into<anyhow::Error>) -> String {
     format!("{:#}", e.into())
 }
 
-fn effective_config(cli: &Cli) -> Result<Config, ConfigError> {
+/// Whether the config file names its channels (a missing or unreadable file does not).
+fn file_sets_channels(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .is_some_and(|t| t.contains_key("channels"))
+}
+
+/// No channel configured anywhere and the Hyper-V VSS device exists: serve it, and the QGA
+/// port too if this VM has one (a Hyper-V VM has none, and a missing port would stop vssd).
+/// Returns the channels chosen, for the log.
+fn choose_hyperv(c: &mut Config, device: &std::path::Path) -> Option<Vec<ChannelSpec>> {
+    if !device.exists() {
+        return None;
+    }
+    let mut chosen = vec![ChannelSpec::HyperV(device.to_path_buf())];
+    for ch in &c.channels {
+        if let ChannelSpec::VirtioSerial(name) = ch {
+            if kmod_shim::virtio::find_port(&c.sysfs, &c.devfs, name).is_ok() {
+                chosen.push(ch.clone());
+            }
+        }
+    }
+    c.channels = chosen.clone();
+    Some(chosen)
+}
+
+fn effective_config(cli: &Cli) -> Result<(Config, Option<Vec<ChannelSpec>>), ConfigError> {
     let (path, explicit) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(DEFAULT_PATH), false),
     };
     let mut c = Config::load(&path, explicit)?;
+    let mut auto = None;
     if !cli.channels.is_empty() {
         c.channels = cli.channels.clone();
+    } else if !file_sets_channels(&path) {
+        auto = choose_hyperv(&mut c, std::path::Path::new(kmod_shim::hv::DEVICE_PATH));
     }
     if let Some(v) = &cli.scope {
         c.scope = v.clone();
@@ -215,7 +254,7 @@ fn effective_config(cli: &Cli) -> Result<Config, ConfigError> {
         c.mountinfo = v.clone();
     }
     c.validate()?;
-    Ok(c)
+    Ok((c, auto))
 }
 
 fn init_logging(verbose: u8) {
@@ -249,7 +288,7 @@ fn main() -> ExitCode {
             Err(_) => ExitCode::from(1),
         };
     }
-    let cfg = match effective_config(&cli) {
+    let (cfg, auto) = match effective_config(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vssd: {}", chain(e));
@@ -261,6 +300,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(cli.verbose);
+    if let Some(chosen) = &auto {
+        let list: Vec<String> = chosen.iter().map(|c| c.to_string()).collect();
+        info!(
+            channels = %list.join(" "),
+            "no channel configured and {} exists: serving the Hyper-V VSS channel",
+            kmod_shim::hv::DEVICE_PATH
+        );
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(8).build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -338,6 +385,8 @@ async fn run(cfg: Config) -> ExitCode {
         0 => "stopping".to_string(),
         n => format!("stopping: thawing {n} filesystem(s) first"),
     });
+    // The Hyper-V channel acts on no request from here on, and the one in progress ends first.
+    vssd::hyperv::quiesce_all(std::time::Duration::from_secs(30)).await;
     agent.shutdown().await;
     systemd.flush(std::time::Duration::from_secs(1));
     ExitCode::SUCCESS
@@ -350,5 +399,38 @@ async fn wait_for_stop() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hyperv_device_is_served_by_itself_only_when_no_channel_is_configured() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("hv_vss");
+        let mut c = Config { sysfs: d.path().join("sys"), devfs: d.path().join("dev"), ..Config::default() };
+        // No device: the default channel stays.
+        assert!(choose_hyperv(&mut c, &dev).is_none());
+        assert_eq!(c.channels, Config::default().channels);
+        // The device, and no QGA port in this VM: Hyper-V alone (a missing port would stop vssd).
+        std::fs::write(&dev, b"").unwrap();
+        assert_eq!(choose_hyperv(&mut c, &dev), Some(vec![ChannelSpec::HyperV(dev.clone())]));
+        assert_eq!(c.channels, vec![ChannelSpec::HyperV(dev)]);
+        // A config file that names its channels keeps them.
+        let f = d.path().join("vssd.toml");
+        std::fs::write(&f, "channels = [\"vsock:9\"]\n").unwrap();
+        assert!(file_sets_channels(&f));
+        std::fs::write(&f, "scope = \"/\"\n").unwrap();
+        assert!(!file_sets_channels(&f));
+        assert!(!file_sets_channels(&d.path().join("missing.toml")));
+    }
+
+    #[test]
+    fn help_teaches_the_hyperv_channel() {
+        let help = <Cli as clap::CommandFactory>::command().render_long_help().to_string();
+        assert!(help.contains("hyperv[:PATH]"), "{help}");
+        assert!(help.contains("/dev/vmbus/hv_vss"), "{help}");
     }
 }

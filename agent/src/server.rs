@@ -46,6 +46,10 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    #[error("Hyper-V VSS channel")]
+    HyperV(#[from] crate::hyperv::OpenError),
+    #[error("cannot start the Hyper-V VSS channel's thread")]
+    HyperVThread(#[source] io::Error),
 }
 
 /// Opens every channel and starts serving it. Returns once all are open, so the caller can
@@ -54,6 +58,7 @@ pub async fn start(agent: Arc<Agent>, channels: &[ChannelSpec], control: Option<
     let mut unix = Vec::new();
     let mut ports = Vec::new();
     let mut vsocks = Vec::new();
+    let mut hyperv = Vec::new();
     for c in channels {
         match c {
             ChannelSpec::Unix(p) => unix.push((p.clone(), bind_unix(p, 0o600)?)),
@@ -67,6 +72,12 @@ pub async fn start(agent: Arc<Agent>, channels: &[ChannelSpec], control: Option<
                 let fd = kmod_shim::vsock::listen(*port).map_err(|source| ServeError::Vsock { port: *port, source })?;
                 let fd = async_fd(fd).map_err(|source| ServeError::Vsock { port: *port, source })?;
                 vsocks.push((*port, fd));
+            }
+            ChannelSpec::HyperV(path) => {
+                // Opened here, so that a device held by hv_vss_daemon or another vssd stops
+                // this one at start with the holder named.
+                let dev = crate::hyperv::CharDevice::open(path)?;
+                hyperv.push((path.clone(), dev));
             }
         }
     }
@@ -84,6 +95,19 @@ pub async fn start(agent: Arc<Agent>, channels: &[ChannelSpec], control: Option<
     for (port, fd) in vsocks {
         info!(channel = %format!("vsock:{port}"), "listening");
         tokio::spawn(serve_vsock(agent.clone(), fd));
+    }
+    for (path, dev) in hyperv {
+        info!(channel = %format!("hyperv:{}", path.display()), "serving");
+        let served = crate::hyperv::spawn(
+            agent.clone(),
+            tokio::runtime::Handle::current(),
+            Box::new(crate::hyperv::PathOpener(path)),
+            Some(Box::new(dev)),
+            crate::hyperv::Settings::default(),
+        )
+        .map_err(ServeError::HyperVThread)?;
+        // It serves for vssd's lifetime; its status stays readable for vssd-status.
+        crate::hyperv::publish(served);
     }
     Ok(())
 }

@@ -24,6 +24,7 @@
 //!   the lifecycle's events, with their reports, go to bounded queues that drop and count what
 //!   does not fit ([`Agent::subscribe`], for D-Bus signals).
 
+mod channels;
 mod coordinator;
 mod events;
 mod freeze;
@@ -46,6 +47,7 @@ use crate::engine::{self, AutoThawReason, Kernel, Lifecycle};
 use crate::marker::Marker;
 use crate::plan::{self, CannotFreezePolicy};
 
+pub use channels::PrepareRound;
 pub use coordinator::{AppCoordinator, BoxFuture};
 pub use events::{Event, Subscription};
 pub use report::{mount_report, AutoThaw, FreezeReport, MountReport, StepTimes, ThawError, ThawResult};
@@ -321,6 +323,9 @@ impl Agent {
         }
         if let Some(apps) = &self.apps {
             v["apps"] = apps.list().into();
+        }
+        if let Some(h) = crate::hyperv::status_json() {
+            v["hyperv"] = h;
         }
         v
     }
