@@ -147,11 +147,8 @@ fn run_one(path: &Path, phase: &'static str, deadline: Duration) -> HookRun {
         p.read_available();
     }
     // The end of each stream (half the room each when both spoke).
-    let text: Vec<String> = pipes
-        .iter()
-        .map(|p| String::from_utf8_lossy(&p.buf).trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let text: Vec<String> =
+        pipes.iter().map(|p| String::from_utf8_lossy(&p.buf).trim().to_string()).filter(|s| !s.is_empty()).collect();
     let room = OUTPUT_KEEP / text.len().max(1);
     r.output = text.iter().map(|s| tail_of(s, room)).collect::<Vec<_>>().join("\n");
     match status {
@@ -319,7 +316,11 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         assert_eq!(r[0].outcome, HookOutcome::Ok, "{}", &r[0].output[..100.min(r[0].output.len())]);
         let o = &r[0].output;
-        assert!(o.contains("OUT-END\n") && o.ends_with("ERR-END"), "kept the end of each stream: {}", &o[o.len() - 80..]);
+        assert!(
+            o.contains("OUT-END\n") && o.ends_with("ERR-END"),
+            "kept the end of each stream: {}",
+            &o[o.len() - 80..]
+        );
         assert!(o.len() <= OUTPUT_KEEP + 8, "{}", o.len());
     }
 }

@@ -284,7 +284,8 @@ fn raise_fd_limit() {
 
 async fn run(cfg: Config) -> ExitCode {
     raise_fd_limit();
-    let app_gid = cfg.apps.then(|| vssd::apps::local_gid(std::path::Path::new("/etc/group"), &cfg.app_socket_group)).flatten();
+    let app_gid =
+        cfg.apps.then(|| vssd::apps::local_gid(std::path::Path::new("/etc/group"), &cfg.app_socket_group)).flatten();
     if let Err(e) = vssd::marker::create_state_dir(&cfg.state_dir, app_gid) {
         let e = anyhow::Error::from(e).context(format!("cannot create state directory {}", cfg.state_dir.display()));
         error!("{}", chain(e));

@@ -328,6 +328,13 @@ impl Agent {
         clock: &StepClock,
     ) -> Result<FsStage, AgentError> {
         clock.mark("fs-step");
+        if !hook_list.is_empty() {
+            // Before the freeze hooks: a vssd killed while they run leaves the next start the
+            // thaw hooks to run (the marker's filesystems come later, before FIFREEZE).
+            self.marker
+                .write(&[], hook_list, false)
+                .map_err(|source| AgentError::Marker { dir: self.cfg.state_dir.clone(), source })?;
+        }
         let hook_runs = hooks::run(hook_list, "freeze", self.cfg.hook_deadline());
         if !hook_list.is_empty() {
             clock.mark("hooks-ran");
