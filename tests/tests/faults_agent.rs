@@ -554,3 +554,42 @@ fn a_failing_a_chatty_and_a_daemonising_hook_are_reported_and_never_hold_the_fre
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.parse().unwrap()), nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn a_process_outside_root_and_the_vssd_group_cannot_register_an_app() {
+    require_root!();
+    let py = Path::new("/usr/bin/python3");
+    assert!(py.is_file(), "this test connects as user nobody with {}: apt-get install python3-minimal", py.display());
+    let sb = Sandbox::new("app_uid");
+    let _e = sb.ext4("e");
+    let v = Vssd::start(&sb);
+    // Let nobody reach the socket's directory, so that only the socket's own mode decides.
+    for d in [sb.root().to_path_buf(), sb.state_dir()] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let connect = |uid: u32, gid: u32| {
+        use std::os::unix::process::CommandExt;
+        let out = std::process::Command::new(py)
+            .arg("-c")
+            .arg(
+                "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n  s.connect(sys.argv[1])\nexcept PermissionError:\n  sys.exit(13)\n\
+                 s.sendall(b'{\"type\":\"hello\",\"id\":1,\"name\":\"intruder\",\"min_version\":1,\"max_version\":1}\\n')\nprint(s.recv(4096).decode())",
+            )
+            .arg(sb.app_socket())
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, said) = connect(65534, 65534);
+    assert_eq!(code, Some(13), "user nobody got through to the app socket: {said}");
+    // Root still registers, and nobody's attempt did not disturb vssd.
+    let (code, said) = connect(0, 0);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("welcome"), "{said}");
+    let mut c = v.client();
+    assert_eq!(c.ok("guest-fsfreeze-freeze", None), json!(1));
+    assert_eq!(c.ok("guest-fsfreeze-thaw", None), json!(1));
+}
