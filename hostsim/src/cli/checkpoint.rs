@@ -181,42 +181,37 @@ pub(crate) fn checkpoint(cli: &Cli, a: &CheckpointAction) -> Result<u8, Fail> {
                 .collect();
             let left: Vec<Value> = leftovers.iter().map(|(p, why)| json!({"dir": p, "why": why})).collect();
             let warnings = ck::exposure_warnings(&vm);
-            out(
-                cli,
-                json!({"ok": true, "vm": vm.config.name, "checkpoints": items, "incomplete": left, "warnings": warnings}),
-                || {
-                    let mut s = format!(
-                        "{:<24} {:<10} {:<24} {:>10} {:>7}  {}",
-                        "NAME", "KIND", "CREATED", "STATE", "RAM", "QEMU"
-                    );
-                    for (_, m) in &l.good {
-                        s.push_str(&format!(
-                            "\n{:<24} {:<10} {:<24} {:>10} {:>7}  {} {}",
-                            m.name,
-                            if m.poweroff && m.kind == "checkpoint" { "poweroff" } else { &m.kind },
-                            m.created,
-                            util::human_bytes(m.state.size),
-                            format!("{}M", m.config.memory_mib),
-                            m.qemu.version,
-                            m.qemu.machine
-                        ));
-                    }
-                    for (p, why) in &leftovers {
-                        let interrupted =
-                            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(ck::TMP_PREFIX));
-                        let hint = if interrupted {
-                            "safe to delete; `vmctl checkpoint destroyall` does"
-                        } else {
-                            "kept: a newer vmctl may read it"
-                        };
-                        s.push_str(&format!("\n(not a checkpoint: {} — {why}; {hint})", p.display()));
-                    }
-                    for w in &warnings {
-                        s.push_str(&format!("\nwarning: {w}"));
-                    }
-                    s
-                },
-            );
+            let mut doc = json!({"ok": true, "vm": vm.config.name, "checkpoints": items, "incomplete": left});
+            doc["warnings"] = json!(warnings);
+            out(cli, doc, || {
+                let mut s =
+                    format!("{:<24} {:<10} {:<24} {:>10} {:>7}  {}", "NAME", "KIND", "CREATED", "STATE", "RAM", "QEMU");
+                for (_, m) in &l.good {
+                    s.push_str(&format!(
+                        "\n{:<24} {:<10} {:<24} {:>10} {:>7}  {} {}",
+                        m.name,
+                        if m.poweroff && m.kind == "checkpoint" { "poweroff" } else { &m.kind },
+                        m.created,
+                        util::human_bytes(m.state.size),
+                        format!("{}M", m.config.memory_mib),
+                        m.qemu.version,
+                        m.qemu.machine
+                    ));
+                }
+                for (p, why) in &leftovers {
+                    let interrupted = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(ck::TMP_PREFIX));
+                    let hint = if interrupted {
+                        "safe to delete; `vmctl checkpoint destroyall` does"
+                    } else {
+                        "kept: a newer vmctl may read it"
+                    };
+                    s.push_str(&format!("\n(not a checkpoint: {} — {why}; {hint})", p.display()));
+                }
+                for w in &warnings {
+                    s.push_str(&format!("\nwarning: {w}"));
+                }
+                s
+            });
             Ok(0)
         }
         CheckpointAction::Delete { vm, name } => {
