@@ -260,7 +260,8 @@ fn main() {
         );
         for k in ["freeze-ms", "thaw-ms"] {
             let s = &report[k];
-            println!("  {k:<10} p50 {:.2}  p99 {:.2}  max {:.2}", s["p50"], s["p99"], s["max"]);
+            let f = |q: &str| s[q].as_f64().unwrap_or(0.0);
+            println!("  {k:<10} p50 {:.2}  p99 {:.2}  max {:.2}", f("p50"), f("p99"), f("max"));
         }
         println!(
             "  vssd       fds {} -> {}   threads {} -> {}   rss {} -> {} KiB",
