@@ -480,7 +480,7 @@ fn set_access(path: &Path, group: &str, mode: u32) -> io::Result<()> {
 
 /// The gid of a local group. Read from /etc/group directly rather than through NSS, which
 /// would load (and keep mapped for the agent's lifetime) NSS modules for one lookup.
-fn local_gid(group_file: &Path, name: &str) -> Option<u32> {
+pub fn local_gid(group_file: &Path, name: &str) -> Option<u32> {
     let text = std::fs::read_to_string(group_file).ok()?;
     text.lines().find_map(|l| {
         let mut f = l.split(':');

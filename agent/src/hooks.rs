@@ -6,13 +6,15 @@
 //! group and reported; thaw hooks always run, in reverse order, whatever happened before;
 //! hook output goes to the log, never to a file.
 
-use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -118,23 +120,19 @@ fn run_one(path: &Path, phase: &'static str, deadline: Duration) -> HookRun {
             return r;
         }
     };
-    // Drain both pipes on threads so a chatty hook cannot block on a full pipe.
-    let drain = |p: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = p {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out_t = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err_t = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    // Both pipes read here, non-blocking, keeping only the end of each: a chatty hook never
+    // blocks on a full pipe nor fills vssd's memory, and a child that outlives the hook with
+    // the pipes still open does not hold the hook (or the freeze) up once the hook exits.
+    let mut pipes: Vec<Tail> = [child.stdout.take().map(OwnedFd::from), child.stderr.take().map(OwnedFd::from)]
+        .into_iter()
+        .flatten()
+        .filter_map(Tail::new)
+        .collect();
     let end = t + deadline;
     let status = loop {
         match child.try_wait() {
             Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) if Instant::now() < end => Tail::wait(&mut pipes, Duration::from_millis(2)),
             _ => {
                 let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
                 let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
@@ -144,24 +142,15 @@ fn run_one(path: &Path, phase: &'static str, deadline: Duration) -> HookRun {
         }
     };
     r.ms = (t.elapsed().as_secs_f64() * 1e6).round() / 1e3;
-    // A killed hook's grandchildren may keep the pipes open; do not wait for them forever.
-    let mut text = Vec::new();
-    for h in [out_t, err_t] {
-        if status.is_some() || h.is_finished() {
-            text.extend(h.join().unwrap_or_default());
-        }
+    // What is left in the pipes now; nothing more is waited for.
+    for p in &mut pipes {
+        p.read_available();
     }
-    let s = String::from_utf8_lossy(&text);
-    let s = s.trim();
-    r.output = if s.len() > OUTPUT_KEEP {
-        let mut cut = s.len() - OUTPUT_KEEP;
-        while !s.is_char_boundary(cut) {
-            cut += 1;
-        }
-        format!("...{}", &s[cut..])
-    } else {
-        s.to_string()
-    };
+    // The end of each stream (half the room each when both spoke).
+    let text: Vec<String> =
+        pipes.iter().map(|p| String::from_utf8_lossy(&p.buf).trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let room = OUTPUT_KEEP / text.len().max(1);
+    r.output = text.iter().map(|s| tail_of(s, room)).collect::<Vec<_>>().join("\n");
     match status {
         Some(st) => {
             r.exit_code = st.code();
@@ -173,6 +162,70 @@ fn run_one(path: &Path, phase: &'static str, deadline: Duration) -> HookRun {
         }
     }
     r
+}
+
+/// The last `room` bytes of `s` (on a character boundary), marked `...` when cut.
+fn tail_of(s: &str, room: usize) -> String {
+    if s.len() <= room {
+        return s.to_string();
+    }
+    let mut cut = s.len() - room;
+    while !s.is_char_boundary(cut) {
+        cut += 1;
+    }
+    format!("...{}", &s[cut..])
+}
+
+/// One of a hook's output pipes, non-blocking, keeping the last `OUTPUT_KEEP` bytes.
+struct Tail {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    open: bool,
+}
+
+impl Tail {
+    fn new(fd: OwnedFd) -> Option<Tail> {
+        let flags = fcntl(&fd, FcntlArg::F_GETFL).ok()?;
+        fcntl(&fd, FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK)).ok()?;
+        Some(Tail { fd, buf: Vec::new(), open: true })
+    }
+
+    /// Waits up to `limit` for output on any pipe, and reads what came.
+    fn wait(pipes: &mut [Tail], limit: Duration) {
+        let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
+        let ready = {
+            let mut fds: Vec<PollFd> =
+                pipes.iter().filter(|p| p.open).map(|p| PollFd::new(p.fd.as_fd(), PollFlags::POLLIN)).collect();
+            if fds.is_empty() {
+                std::thread::sleep(limit);
+                return;
+            }
+            poll(&mut fds, PollTimeout::from(ms)).unwrap_or(0) > 0
+        };
+        if ready {
+            for p in pipes.iter_mut() {
+                p.read_available();
+            }
+        }
+    }
+
+    /// Reads until the pipe is empty (or closed), keeping the end.
+    fn read_available(&mut self) {
+        let mut chunk = [0u8; 16384];
+        while self.open {
+            match nix::unistd::read(&self.fd, &mut chunk) {
+                Ok(0) => self.open = false,
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    if self.buf.len() > 2 * OUTPUT_KEEP {
+                        self.buf.drain(..self.buf.len() - OUTPUT_KEEP);
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => break, // EAGAIN: nothing more for now
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -235,5 +288,39 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         assert_eq!(r[0].outcome, HookOutcome::Timeout);
         assert!(r[0].output.contains("killed"), "{}", r[0].output);
+    }
+
+    #[test]
+    fn a_hook_whose_child_outlives_it_is_done_when_the_hook_exits_not_when_the_child_does() {
+        let d = tempfile::tempdir().unwrap();
+        // The child keeps the hook's stdout and stderr open for 20 s.
+        script(d.path(), "10-daemon", "echo started; sleep 20 & exit 0");
+        let t = Instant::now();
+        let r = run(&discover(&[d.path().into()]), "freeze", Duration::from_secs(10));
+        assert!(t.elapsed() < Duration::from_secs(3), "waited {:?} for the hook's child", t.elapsed());
+        assert_eq!(r[0].outcome, HookOutcome::Ok);
+        assert_eq!(r[0].output, "started");
+    }
+
+    #[test]
+    fn a_hook_that_prints_megabytes_is_not_held_up_and_only_the_end_of_its_output_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        // 32 MiB on stdout, 8 MiB on stderr, then a last line.
+        script(
+            d.path(),
+            "10-chatty",
+            "head -c 33554432 /dev/zero | tr '\\0' x; echo; echo OUT-END; head -c 8388608 /dev/zero | tr '\\0' e >&2; echo ERR-END >&2",
+        );
+        let t = Instant::now();
+        let r = run(&discover(&[d.path().into()]), "freeze", Duration::from_secs(20));
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert_eq!(r[0].outcome, HookOutcome::Ok, "{}", &r[0].output[..100.min(r[0].output.len())]);
+        let o = &r[0].output;
+        assert!(
+            o.contains("OUT-END\n") && o.ends_with("ERR-END"),
+            "kept the end of each stream: {}",
+            &o[o.len() - 80..]
+        );
+        assert!(o.len() <= OUTPUT_KEEP + 8, "{}", o.len());
     }
 }

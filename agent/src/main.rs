@@ -331,7 +331,9 @@ fn raise_fd_limit() {
 
 async fn run(cfg: Config) -> ExitCode {
     raise_fd_limit();
-    if let Err(e) = std::fs::create_dir_all(&cfg.state_dir) {
+    let app_gid =
+        cfg.apps.then(|| vssd::apps::local_gid(std::path::Path::new("/etc/group"), &cfg.app_socket_group)).flatten();
+    if let Err(e) = vssd::marker::create_state_dir(&cfg.state_dir, app_gid) {
         let e = anyhow::Error::from(e).context(format!("cannot create state directory {}", cfg.state_dir.display()));
         error!("{}", chain(e));
         return ExitCode::from(1);

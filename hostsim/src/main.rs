@@ -5,5 +5,8 @@
 mod cli;
 
 fn main() -> std::process::ExitCode {
+    // Whatever vmctl or the QEMU it starts creates holds disks, RAM or a VM's sockets:
+    // owner-only, whatever the user's umask (the library does the same around each operation).
+    let _umask = hostsim::vm::private_umask();
     cli::main()
 }

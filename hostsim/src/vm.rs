@@ -113,6 +113,78 @@ pub struct DiskConfig {
     pub format: String,
 }
 
+/// Files vmctl makes hold a VM's disks and RAM: they are created owner-only whatever the
+/// umask. While this guard lives the process umask also masks group and others, so the files
+/// that QEMU, qemu-img and vmctl's helpers create on vmctl's behalf (QMP and channel sockets,
+/// logs, pid file, backup targets, overlays, migration streams) are owner-only from the start.
+#[must_use = "the umask goes back when the guard drops"]
+pub struct PrivateUmask(nix::sys::stat::Mode);
+
+/// The umask with group and others masked, until the guard drops.
+pub fn private_umask() -> PrivateUmask {
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o077));
+    // Keep what the user masked already (e.g. 0o277), add group and others.
+    umask(old | Mode::from_bits_truncate(0o077));
+    PrivateUmask(old)
+}
+
+impl Drop for PrivateUmask {
+    fn drop(&mut self) {
+        nix::sys::stat::umask(self.0);
+    }
+}
+
+/// Creates `dir` and its missing parents with mode 0700 (an existing one is left alone).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Files and directories under `dir` (itself included, 3 levels down) that users other than
+/// the owner and its group can read, with their modes: `backup verify` and `checkpoint list`
+/// warn about them.
+pub fn readable_by_others(dir: &Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(p: &Path, depth: usize, out: &mut Vec<(PathBuf, u32)>) {
+        let Ok(md) = std::fs::symlink_metadata(p) else { return };
+        if md.file_type().is_symlink() {
+            return;
+        }
+        let mode = md.permissions().mode() & 0o7777;
+        if mode & 0o004 != 0 {
+            out.push((p.to_path_buf(), mode));
+        }
+        if md.is_dir() && depth > 0 {
+            if let Ok(rd) = std::fs::read_dir(p) {
+                let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+                entries.sort();
+                for e in entries {
+                    walk(&e, depth - 1, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, 3, &mut out);
+    out
+}
+
+/// One warning line for what [`readable_by_others`] found, or None.
+pub fn exposure_warning(dir: &Path) -> Option<String> {
+    let found = readable_by_others(dir);
+    let (first, mode) = found.first()?;
+    Some(format!(
+        "{} file(s) or directories under {} can be read by other users (e.g. {} mode {:o}): \
+         they hold disk or RAM contents; chmod -R go-rwx {}",
+        found.len(),
+        dir.display(),
+        first.display(),
+        mode,
+        dir.display()
+    ))
+}
+
 fn default_format() -> String {
     "qcow2".into()
 }
@@ -267,15 +339,20 @@ impl Vm {
     pub fn create(state_dir: &Path, mut config: VmConfig, import: bool) -> Result<Vm, VmError> {
         check_name(&config.name)?;
         let dir = state_dir.join(&config.name);
-        std::fs::create_dir_all(state_dir).map_err(io_err(format!("cannot create {}", state_dir.display())))?;
-        match std::fs::create_dir(&dir) {
+        let _umask = private_umask();
+        create_private_dir(state_dir).map_err(io_err(format!("cannot create {}", state_dir.display())))?;
+        let made = {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(&dir)
+        };
+        match made {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(VmError::Exists(config.name.clone())),
             Err(e) => return Err(io_err(format!("cannot create {}", dir.display()))(e)),
         }
         let result = (|| {
             if import {
-                std::fs::create_dir_all(dir.join("disks")).map_err(io_err("cannot create disks/"))?;
+                create_private_dir(&dir.join("disks")).map_err(io_err("cannot create disks/"))?;
                 for d in &mut config.disks {
                     let dest = PathBuf::from("disks").join(format!("{}.{}", d.name, d.format));
                     copy_sparse(&d.path, &dir.join(&dest))?;
@@ -473,6 +550,9 @@ impl Vm {
         }
         let accel = Vm::resolve_accel(self.config.accel)?;
         let mut cmd = self.command(accel);
+        // QEMU keeps the umask it starts with: its sockets, logs and pid file, and the
+        // overlays and migration streams it makes later for vmctl, are owner-only.
+        let _umask = private_umask();
         // With -daemonize the first process exits once the VM is set up; its exit status and
         // stderr tell whether it worked.
         let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| VmError::Start {
@@ -664,5 +744,54 @@ mod tests {
         assert!(all.contains("node-name=data,"), "{all}");
         assert!(all.contains("-accel tcg"), "{all}");
         assert!(!all.contains("bootindex"), "direct kernel boot: {all}");
+    }
+
+    /// Every kind of file vmctl makes itself, under umask 022 and 000 (one test: the umask is
+    /// the process's).
+    #[test]
+    fn vm_directories_configs_and_ram_images_are_owner_only_whatever_the_umask() {
+        use nix::sys::stat::{umask, Mode};
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for mask in [0o022, 0o000] {
+            let d = tempfile::tempdir().unwrap();
+            let disk = d.path().join("d1.raw");
+            std::fs::write(&disk, b"disk").unwrap();
+            let old = umask(Mode::from_bits_truncate(mask));
+            let state = d.path().join("state");
+            let mut c = VmConfig::new("web1");
+            c.disks.push(DiskConfig { name: "d1".into(), path: disk.clone(), format: "raw".into() });
+            let vm = Vm::create(&state, c, true);
+            let ram = d.path().join("state.bin");
+            let sink = crate::checkpoint::stream::sink_stream(&b"RAM"[..], &ram, &d.path().join("report.json"));
+            let restored = umask(old);
+            assert_eq!(restored.bits(), mask, "the guards put the umask back");
+            let vm = vm.unwrap();
+            assert_eq!(sink, 0);
+            for dir in [state.clone(), vm.dir.clone(), vm.dir.join("disks")] {
+                assert_eq!(mode(&dir), 0o700, "umask {mask:03o}: {}", dir.display());
+            }
+            assert_eq!(mode(&vm.dir.join("vm.toml")), 0o600, "umask {mask:03o}");
+            assert_eq!(mode(&vm.dir.join("disks/d1.raw")) & 0o077, 0, "umask {mask:03o}: an imported disk");
+            assert_eq!(mode(&ram), 0o600, "umask {mask:03o}: a RAM image");
+            assert!(readable_by_others(&state).is_empty(), "{:?}", readable_by_others(&state));
+        }
+    }
+
+    #[test]
+    fn files_others_can_read_are_found_and_named_in_the_warning() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path().join("b1");
+        std::fs::create_dir(&b).unwrap();
+        std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(b.join("d1.qcow2"), b"x").unwrap();
+        std::fs::set_permissions(b.join("d1.qcow2"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(readable_by_others(d.path()), [(b.join("d1.qcow2"), 0o644)]);
+        let w = exposure_warning(d.path()).unwrap();
+        assert!(w.contains("d1.qcow2") && w.contains("644") && w.contains("chmod -R go-rwx"), "{w}");
+        std::fs::set_permissions(b.join("d1.qcow2"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(exposure_warning(d.path()).is_none(), "owner and group only is fine");
     }
 }

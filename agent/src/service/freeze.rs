@@ -120,7 +120,7 @@ impl Agent {
                 // As qemu-ga: a freeze that froze nothing leaves the guest thawed.
                 self.release(&engaged, generation, ThawReason::Completed).await;
                 self.lock().life.freeze_failed()?;
-                self.marker.remove();
+                self.marker.settle(self.marker.stuck());
                 info!("nothing to freeze; still thawed");
                 self.emit(Event::NotFrozen(Some(Arc::new(report.clone()))));
                 Ok(report)
@@ -158,21 +158,33 @@ impl Agent {
     /// Undoes a freeze that failed at any step. The filesystems a clean failure froze are
     /// already thawed (the engine does that before it returns); a step that panicked may
     /// have left some frozen, so everything the marker lists is thawed. The marker goes last.
+    /// What could not be thawed stays in the marker.
     pub(super) async fn abort(&self, e: &AgentError, engaged: &Engaged, generation: u64) {
-        if matches!(e, AgentError::Step { .. }) {
-            if let Some(m) = self.marker.read() {
-                let r = self.thaw_blocking(m.filesystems).await;
+        let listed = self.marker.read().map(|m| m.filesystems).unwrap_or_default();
+        let mut left = self.marker.stuck();
+        match e {
+            AgentError::Step { .. } => {
+                let r = self.thaw_blocking(listed.clone()).await;
                 for (p, e) in &r.errors {
                     error!(mountpoint = %p.display(), error = %e, "cannot thaw after a failed freeze step");
                 }
+                left = super::thaw::still_frozen(&listed, &r);
             }
+            AgentError::Freeze(engine::FreezeError::Failed { thaw_errors, .. }) => {
+                for f in listed.iter().filter(|f| thaw_errors.iter().any(|(p, _)| *p == f.mount_point)) {
+                    if !left.iter().any(|l| l.mount_point == f.mount_point) {
+                        left.push(f.clone());
+                    }
+                }
+            }
+            _ => {}
         }
         self.release(engaged, generation, ThawReason::Aborted).await;
         // Only freeze() moves the lifecycle out of Freezing, and it holds the op lock.
         if let Err(t) = self.lock().life.freeze_failed() {
             error!(error = %t, "freeze failed in an unexpected state");
         }
-        self.marker.remove();
+        self.marker.settle(left);
         self.emit(Event::NotFrozen(None));
         // As `&dyn Error`, the log line carries its sources too.
         warn!(error = e as &dyn std::error::Error, "freeze failed; nothing is left frozen");
@@ -316,6 +328,13 @@ impl Agent {
         clock: &StepClock,
     ) -> Result<FsStage, AgentError> {
         clock.mark("fs-step");
+        if !hook_list.is_empty() {
+            // Before the freeze hooks: a vssd killed while they run leaves the next start the
+            // thaw hooks to run (the marker's filesystems come later, before FIFREEZE).
+            self.marker
+                .write(&[], hook_list, false)
+                .map_err(|source| AgentError::Marker { dir: self.cfg.state_dir.clone(), source })?;
+        }
         let hook_runs = hooks::run(hook_list, "freeze", self.cfg.hook_deadline());
         if !hook_list.is_empty() {
             clock.mark("hooks-ran");

@@ -552,3 +552,48 @@ async fn a_failed_freeze_is_seen_as_not_frozen_and_a_full_queue_never_blocks_it(
     r.agent.freeze(FreezeRequest::default()).await.unwrap_err();
     assert_eq!(events(&mut big), ["freezing", "not-frozen false"]);
 }
+
+#[tokio::test]
+async fn a_fithaw_that_fails_keeps_the_marker_so_a_later_start_or_thaw_still_thaws_it() {
+    let r = rig_with(FakeKernel::new().fail_thaw("/s/b", libc::EIO), Some(FakeApps::new(&[1])));
+    r.agent.freeze(FreezeRequest::default()).await.unwrap();
+    let err = r.agent.thaw().await.unwrap_err();
+    assert!(matches!(err, AgentError::ThawErrors(ref m) if m.contains("/s/b")), "{err}");
+    assert_eq!(r.agent.status(), "thawed");
+    let left = crate::marker::Marker::new(r.marker.clone()).read().expect("the marker must stay for /s/b");
+    assert_eq!(left.filesystems.iter().map(|f| f.mount_point.clone()).collect::<Vec<_>>(), [PathBuf::from("/s/b")]);
+    assert_eq!(r.apps.as_ref().unwrap().log().last().unwrap(), "thaw [1] 1 Completed", "apps are released anyway");
+    // A freeze of /s/a only: its marker still lists /s/b, and its thaw retries /s/b.
+    r.agent.freeze(FreezeRequest { mountpoints: Some(vec!["/s/a".into()]), ..Default::default() }).await.unwrap();
+    let listed = crate::marker::Marker::new(r.marker.clone()).read().unwrap().filesystems;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let _ = r.agent.thaw().await;
+    assert_eq!(r.thaws().iter().filter(|c| *c == "thaw /s/b").count(), 2, "{:?}", r.thaws());
+    // A new vssd on the same state directory (after a crash) thaws it too.
+    let cfg = config(r._dir.path());
+    let k2 = FakeKernel::new();
+    let again = Agent::with_coordinator(cfg, k2.clone(), None);
+    again.recover();
+    assert_eq!(k2.calls(), ["thaw /s/b"]);
+    assert!(!r.marker.exists(), "thawed at last: the marker goes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_auto_thaw_whose_fithaw_fails_keeps_the_marker() {
+    let r = rig_with(FakeKernel::new().fail_thaw("/s/c", libc::EIO), None);
+    r.agent.freeze(FreezeRequest::default()).await.unwrap();
+    tokio::time::sleep(DEADLINE + MS).await;
+    settle(&r.agent).await;
+    assert_eq!(r.last_auto_thaw(), "deadline");
+    let left = crate::marker::Marker::new(r.marker.clone()).read().expect("the marker must stay for /s/c");
+    assert_eq!(left.filesystems.len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_freeze_whose_rollback_thaw_fails_keeps_that_filesystem_in_the_marker() {
+    let k = FakeKernel::new().fail_freeze("/s/b", libc::EIO).fail_thaw("/s/a", libc::EIO);
+    let r = rig_with(k, None);
+    r.agent.freeze(FreezeRequest::default()).await.unwrap_err();
+    let left = crate::marker::Marker::new(r.marker.clone()).read().expect("the marker must stay for /s/a");
+    assert_eq!(left.filesystems.iter().map(|f| f.mount_point.clone()).collect::<Vec<_>>(), [PathBuf::from("/s/a")]);
+}

@@ -2,8 +2,9 @@
 //! (`auto_thaw`, `shutdown`), and a new vssd that finds a dead one's marker (`recover`).
 //!
 //! Invariants: filesystems thaw first (writers wait on them), then apps get THAW and the thaw
-//! hooks run; every thaw runs to the end and reports every error; the marker is removed
-//! last. An auto-thaw acts only on the freeze generation it was armed for and leaves a notice
+//! hooks run; every thaw runs to the end and reports every error; the marker is settled
+//! last: it keeps what could not be thawed (and every later thaw retries it), so a FITHAW that
+//! failed is never forgotten by a vssd that dies afterwards. An auto-thaw acts only on the freeze generation it was armed for and leaves a notice
 //! that the host's next thaw reports once.
 
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ impl Agent {
             .filter(|f| mounts.iter().any(|x| x.mount_point == f.mount_point && x.dev == f.dev))
             .collect();
         let report = engine::thaw(&self.kernel, &still);
+        let failed = still_frozen(&still, &report);
         if !m.hooks.is_empty() {
             hooks::run(&m.hooks, "thaw", self.cfg.hook_deadline());
         }
@@ -53,7 +55,7 @@ impl Agent {
         ));
         inner.last_auto_thaw = Some(rec);
         drop(inner);
-        self.marker.remove();
+        self.marker.settle(failed);
     }
 
     /// Releases apps (THAW, never awaited) and runs the thaw hooks, after the filesystems
@@ -106,12 +108,13 @@ impl Agent {
                 elapsed_ms: ms(start.elapsed()),
             });
         };
-        let report = self.thaw_blocking(state.filesystems.clone()).await;
+        let targets = with_stuck(&state.filesystems, self.marker.stuck());
+        let report = self.thaw_blocking(targets.clone()).await;
         let fs_thaw_ms = ms(start.elapsed());
         let engaged = Engaged { apps: state.apps.clone(), hooks: state.hooks.clone() };
         let hook_runs = self.release(&engaged, state.generation, ThawReason::Completed).await;
         self.lock().life.thaw_done()?;
-        self.marker.remove();
+        self.marker.settle(still_frozen(&targets, &report));
         info!(
             thawed = report.thawed.len(),
             frozen_ms = state.since.elapsed().as_millis() as u64,
@@ -188,7 +191,8 @@ impl Agent {
         };
         self.emit(Event::Thawing);
         let frozen_for = state.since.elapsed();
-        let report = self.thaw_blocking(state.filesystems.clone()).await;
+        let targets = with_stuck(&state.filesystems, self.marker.stuck());
+        let report = self.thaw_blocking(targets.clone()).await;
         let engaged = Engaged { apps: state.apps.clone(), hooks: state.hooks.clone() };
         self.release(&engaged, state.generation, ThawReason::Timeout).await;
         let rec = AutoThaw::new(reason, frozen_for, &report);
@@ -206,7 +210,19 @@ impl Agent {
         inner.notice = Some(why);
         inner.last_auto_thaw = Some(rec.clone());
         drop(inner);
-        self.marker.remove();
+        self.marker.settle(still_frozen(&targets, &report));
         self.emit(Event::AutoThawed(Arc::new(rec)));
     }
+}
+
+/// This freeze's filesystems and those an earlier thaw left stuck (retried by every thaw).
+pub(super) fn with_stuck(frozen: &[FrozenFs], stuck: Vec<FrozenFs>) -> Vec<FrozenFs> {
+    let mut all = frozen.to_vec();
+    all.extend(stuck.into_iter().filter(|s| !frozen.iter().any(|f| f.mount_point == s.mount_point)));
+    all
+}
+
+/// The filesystems of `tried` whose FITHAW failed: they may still be frozen.
+pub(super) fn still_frozen(tried: &[FrozenFs], report: &engine::ThawReport) -> Vec<FrozenFs> {
+    tried.iter().filter(|f| report.errors.iter().any(|(p, _)| *p == f.mount_point)).cloned().collect()
 }

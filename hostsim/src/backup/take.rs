@@ -56,7 +56,10 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
         req.vm_name,
         req.target.display()
     );
-    std::fs::create_dir_all(&req.target)
+    // Backed-up disks are owner-only whatever the umask: the target, each backup's directory,
+    // the images qemu-img creates and the manifest (see `vm::private_umask`).
+    let _umask = crate::vm::private_umask();
+    crate::vm::create_private_dir(&req.target)
         .map_err(io_err(format!("cannot create the target {}", req.target.display())))?;
     let target = std::fs::canonicalize(&req.target).map_err(io_err("bad target"))?;
     // One backup at a time per target directory.
@@ -167,7 +170,11 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
     }
 
     let partial = target.join(format!(".partial-{id}"));
-    std::fs::create_dir(&partial).map_err(io_err(format!("cannot create {}", partial.display())))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&partial)
+    }
+    .map_err(io_err(format!("cannot create {}", partial.display())))?;
     let mut attached = Attached { nodes: Vec::new(), jobs: Vec::new() };
     let was_running = qmp.execute("query-status", None)?["running"].as_bool() == Some(true);
     let ctx = Take {

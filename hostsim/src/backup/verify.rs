@@ -35,6 +35,8 @@ pub struct VerifyReport {
     pub checks: Vec<Check>,
     /// Consistency the manifest claims.
     pub consistency: Consistency,
+    /// Not failures, but worth acting on: files of the backup that other users can read.
+    pub warnings: Vec<String>,
 }
 
 /// One verification step.
@@ -101,14 +103,16 @@ pub fn verify(dir: &Path, fsck: bool) -> Result<VerifyReport, BackupError> {
         }
     }
     let ok = checks.iter().all(|c| c.ok);
-    Ok(VerifyReport { id: m.id, ok, checks, consistency: m.consistency })
+    let warnings = crate::vm::exposure_warning(dir).into_iter().collect();
+    Ok(VerifyReport { id: m.id, ok, checks, consistency: m.consistency, warnings })
 }
 
 /// Rebuilds standalone disk images from a backup's chain into `out` (`NAME.qcow2` each):
 /// `qemu-img convert` follows the backing chain, so the result needs nothing else.
 pub fn restore(dir: &Path, out: &Path) -> Result<Vec<PathBuf>, BackupError> {
     let m = Manifest::load(dir)?;
-    std::fs::create_dir_all(out).map_err(io_err(format!("cannot create {}", out.display())))?;
+    let _umask = crate::vm::private_umask();
+    crate::vm::create_private_dir(out).map_err(io_err(format!("cannot create {}", out.display())))?;
     let mut made = Vec::new();
     for d in &m.disks {
         let src = dir.join(&d.file);

@@ -98,6 +98,8 @@ pub fn create(vm: &Vm, req: &CreateRequest) -> Result<Created, CheckpointError> 
     }
     let Some(pid) = vm.pid() else { return Err(CheckpointError::NotRunning(vm.config.name.clone())) };
     let _l = lock(vm, if req.suspend { "suspend" } else { "checkpoint create" })?;
+    // A checkpoint holds the guest's RAM: owner-only whatever the umask (`vm::private_umask`).
+    let _umask = crate::vm::private_umask();
     let cdir = vm.checkpoints_dir();
     let final_dir = cdir.join(&name);
     if final_dir.exists() {
@@ -105,7 +107,7 @@ pub fn create(vm: &Vm, req: &CreateRequest) -> Result<Created, CheckpointError> 
     }
     let tmp = cdir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io_err(format!("cannot create {}", tmp.display())))?;
+    crate::vm::create_private_dir(&tmp).map_err(io_err(format!("cannot create {}", tmp.display())))?;
     let r = create_in(vm, req, &name, &tmp, pid, t0);
     let (mut manifest, thaw_error) = match r {
         Ok(x) => x,
@@ -216,7 +218,7 @@ fn create_in(
     };
     let disks = live_disks(&mut qmp, vm)?;
     let ovdir = vm.overlays_dir();
-    std::fs::create_dir_all(&ovdir).map_err(io_err(format!("cannot create {}", ovdir.display())))?;
+    crate::vm::create_private_dir(&ovdir).map_err(io_err(format!("cannot create {}", ovdir.display())))?;
     let (_, stamp) = util::timestamps(SystemTime::now());
     let stamp_n = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
     let plan: Vec<(PathBuf, String)> = disks

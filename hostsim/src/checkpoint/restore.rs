@@ -135,7 +135,9 @@ fn restore_locked(vm: &Vm, req: &RestoreRequest) -> Result<Restored, CheckpointE
 
     let t_launch = Instant::now();
     let ovdir = vm.overlays_dir();
-    std::fs::create_dir_all(&ovdir).map_err(io_err(format!("cannot create {}", ovdir.display())))?;
+    // The QEMU started here keeps this umask: its files and overlays are owner-only.
+    let _umask = crate::vm::private_umask();
+    crate::vm::create_private_dir(&ovdir).map_err(io_err(format!("cannot create {}", ovdir.display())))?;
     let (_, stamp) = util::timestamps(SystemTime::now());
     let mut overlays: Vec<PathBuf> = Vec::new();
     let cleanup = |overlays: &[PathBuf], pid: Option<i32>| {

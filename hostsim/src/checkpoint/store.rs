@@ -54,6 +54,11 @@ pub fn list(vm: &Vm) -> Result<Listing, CheckpointError> {
     Ok(l)
 }
 
+/// Warnings for checkpoint files (RAM images, disk overlays) that other users can read.
+pub fn exposure_warnings(vm: &Vm) -> Vec<String> {
+    [vm.checkpoints_dir(), vm.overlays_dir()].iter().filter_map(|d| crate::vm::exposure_warning(d)).collect()
+}
+
 /// Takes the VM's operation lock for `op` (shared with backups: [`crate::oplock`]).
 pub fn lock(vm: &Vm, op: &str) -> Result<OpLock, CheckpointError> {
     Ok(OpLock::take(&vm.qmp_path(), &vm.config.name, op)?)

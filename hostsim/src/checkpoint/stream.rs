@@ -9,6 +9,7 @@
 //!   manifest: a reader never sees a complete corrupt stream.
 
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -190,7 +191,8 @@ pub fn run_sink(out: &Path, report: &Path) -> u8 {
 pub fn sink_stream<R: Read>(input: R, out: &Path, report: &Path) -> u8 {
     let t0 = Instant::now();
     let r = (|| -> io::Result<Pumped> {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(out)?;
+        // The guest's RAM: owner-only whatever the umask QEMU passed on.
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(out)?;
         let p = pump(input, &mut f, None, true)?;
         if let Some(e) = p.write_error {
             return Err(e);

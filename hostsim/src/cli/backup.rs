@@ -201,6 +201,9 @@ pub(crate) fn verify(cli: &Cli, dir: &Path, fsck: bool) -> Result<u8, Fail> {
                 }
             }
         }
+        for w in &r.warnings {
+            s.push_str(&format!("\n  warning: {w}"));
+        }
         s
     });
     Ok(if r.ok { 0 } else { 5 })

@@ -180,7 +180,10 @@ pub(crate) fn checkpoint(cli: &Cli, a: &CheckpointAction) -> Result<u8, Fail> {
                 })
                 .collect();
             let left: Vec<Value> = leftovers.iter().map(|(p, why)| json!({"dir": p, "why": why})).collect();
-            out(cli, json!({"ok": true, "vm": vm.config.name, "checkpoints": items, "incomplete": left}), || {
+            let warnings = ck::exposure_warnings(&vm);
+            let mut doc = json!({"ok": true, "vm": vm.config.name, "checkpoints": items, "incomplete": left});
+            doc["warnings"] = json!(warnings);
+            out(cli, doc, || {
                 let mut s =
                     format!("{:<24} {:<10} {:<24} {:>10} {:>7}  {}", "NAME", "KIND", "CREATED", "STATE", "RAM", "QEMU");
                 for (_, m) in &l.good {
@@ -203,6 +206,9 @@ pub(crate) fn checkpoint(cli: &Cli, a: &CheckpointAction) -> Result<u8, Fail> {
                         "kept: a newer vmctl may read it"
                     };
                     s.push_str(&format!("\n(not a checkpoint: {} — {why}; {hint})", p.display()));
+                }
+                for w in &warnings {
+                    s.push_str(&format!("\nwarning: {w}"));
                 }
                 s
             });

@@ -1,0 +1,159 @@
+//! VM tier: what vmctl leaves on the host (file modes, whatever the user's umask) and the
+//! backup soak (backups in a row with the guest's writers running, each one verified). The
+//! host-side fault cells that need a VM (QEMU killed during a backup or a checkpoint, vmctl
+//! killed during a backup, a full target) are in `vm_backup.rs` and `vm_checkpoint.rs`; the
+//! README's "Faults and hostile input" table lists them with these.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::stat::{umask, Mode};
+use tests::vm::{TestVm, VmOpts};
+use tests::*;
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777
+}
+
+/// Every file and directory under `dir` whose mode lets others (not the owner, not its group)
+/// in. (QEMU sets its own umask, 027, once it daemonizes: what it creates later, such as the
+/// channel sockets, the console log and checkpoint overlays, is owner+group.)
+fn open_to_others(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
+        if md.file_type().is_symlink() {
+            continue;
+        }
+        if md.permissions().mode() & 0o007 != 0 {
+            out.push(format!("{} {:o}", p.display(), md.permissions().mode() & 0o777));
+        }
+        if md.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Sets the process umask for the test's vmctl runs (they inherit it); put back on drop.
+struct Umask(Mode);
+
+impl Umask {
+    fn set(mask: u32) -> Umask {
+        Umask(umask(Mode::from_bits_truncate(mask)))
+    }
+}
+
+impl Drop for Umask {
+    fn drop(&mut self) {
+        umask(self.0);
+    }
+}
+
+#[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
+fn backups_checkpoints_state_and_sockets_are_owner_only_under_umask_000_and_022_and_exposure_is_warned() {
+    require_vm!();
+    let mut guard = Umask::set(0o000);
+    let vm = TestVm::boot("modes", VmOpts { writers: false, ..VmOpts::default() });
+    let mut kinds_seen = std::collections::BTreeSet::new();
+    for (round, mask) in [0o000u32, 0o022].into_iter().enumerate() {
+        drop(guard);
+        guard = Umask::set(mask);
+        if round > 0 {
+            // QEMU's own files (QMP and channel sockets, pid file, logs) again, under this umask.
+            vm.kill_qemu();
+            vm.vmctl(&["start", &vm.name]).expect_code(0, "vmctl start");
+            vm.wait_ready(Duration::from_secs(90));
+        }
+        let b = vm.vmctl_json(&["backup", vm.name.as_str(), "--verify"], 0);
+        assert_eq!(b["verify"]["ok"], true, "umask {mask:03o}: {b}");
+        let bdir = PathBuf::from(b["dir"].as_str().unwrap());
+        let ck = format!("c{round}");
+        vm.vmctl_json(&["checkpoint", "create", &vm.name, "--name", &ck], 0);
+        let state = vm.state_dir();
+        let wrong = open_to_others(&state);
+        assert!(wrong.is_empty(), "umask {mask:03o}: other users can reach:\n{}", wrong.join("\n"));
+        // The kinds of file users worry about, named so that a missing one is noticed.
+        for (kind, p) in [
+            ("backup disk", bdir.join("data.qcow2")),
+            ("backup directory", bdir.clone()),
+            ("backup manifest", bdir.join("manifest.json")),
+            ("backup target", vm.backups()),
+            ("checkpoint RAM", vm.dir().join("checkpoints").join(&ck).join("state.bin")),
+            ("checkpoints directory", vm.dir().join("checkpoints")),
+            ("VM directory", vm.dir()),
+            ("state directory", state.clone()),
+            ("QMP socket (QEMU's umask 027)", vm.qmp_path()),
+            ("agent socket (QEMU's umask 027)", vm.agent_path()),
+        ] {
+            assert!(p.exists(), "umask {mask:03o}: no {kind} at {}", p.display());
+            let allowed = if kind.contains("QEMU's umask") { 0o750 } else { 0o700 };
+            assert_eq!(mode(&p) & !allowed, 0, "umask {mask:03o}: {kind} {} is {:o}", p.display(), mode(&p));
+            kinds_seen.insert(kind);
+        }
+        let listed = vm.vmctl_json(&["checkpoint", "list", &vm.name], 0);
+        assert_eq!(listed["warnings"], json!([]), "{listed}");
+        let verified = vm.vmctl_json(&["backup", "verify", bdir.to_str().unwrap()], 0);
+        assert_eq!(verified["verify"]["warnings"], json!([]), "{verified}");
+    }
+    drop(guard);
+    assert_eq!(kinds_seen.len(), 10);
+    // A backup or checkpoint someone made readable is warned about (and still verifies).
+    let bdir = std::fs::read_dir(vm.backups())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("data.qcow2").exists())
+        .unwrap();
+    std::fs::set_permissions(bdir.join("data.qcow2"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let v = vm.vmctl_json(&["backup", "verify", bdir.to_str().unwrap()], 0);
+    let w = v["verify"]["warnings"].to_string();
+    assert!(w.contains("data.qcow2") && w.contains("other users"), "{v}");
+    let text = vm.vmctl(&["backup", "verify", bdir.to_str().unwrap()]);
+    assert!(text.stdout.contains("warning:"), "the human output warns too: {}", text.stdout);
+    let ram = vm.dir().join("checkpoints/c0/state.bin");
+    std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let l = vm.vmctl_json(&["checkpoint", "list", &vm.name], 0);
+    assert!(l["warnings"].to_string().contains("state.bin"), "{l}");
+}
+
+#[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
+fn backups_in_a_row_with_writers_running_all_verify_and_leave_the_guest_thawed() {
+    require_vm!();
+    let n: usize = std::env::var("VM_SOAK_BACKUPS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    let vm = TestVm::boot("soak", VmOpts::default());
+    vm.wait_acks("e3", 10, Duration::from_secs(60));
+    let (mut windows, mut took) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let t0 = Instant::now();
+        let mut args = vec!["backup", vm.name.as_str(), "--verify"];
+        if i > 0 {
+            args.push("--incremental");
+        }
+        let v = vm.vmctl_json(&args, 0);
+        took.push(t0.elapsed().as_secs_f64());
+        assert_eq!(v["verify"]["ok"], true, "backup {i}: {v}");
+        assert_eq!(v["frozen"], 4, "backup {i}: {v}");
+        windows.push(v["freeze_window_ms"].as_f64().unwrap());
+        assert_eq!(vm.fsstatus(), "thawed", "backup {i}");
+        // The writers go on after every backup.
+        let acks = vm.last_acks();
+        vm.wait_acks("e3", acks["e3"] + 2, Duration::from_secs(30));
+    }
+    let listed = vm.vmctl_json(&["backup", "list", &vm.name], 0);
+    assert_eq!(listed["backups"].as_array().unwrap().len(), n, "every backup listed: {listed}");
+    let mut w = windows.clone();
+    w.sort_by(|a, b| a.total_cmp(b));
+    eprintln!(
+        "[soak] {n} backups: freeze window p50 {:.0} ms, max {:.0} ms; backup + verify {:.1}-{:.1} s",
+        w[w.len() / 2],
+        w[w.len() - 1],
+        took.iter().copied().fold(f64::MAX, f64::min),
+        took.iter().copied().fold(0.0, f64::max)
+    );
+}
