@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod envelope;
 pub mod hash;
 pub mod inspect;
+pub mod libvirt;
 pub mod oplock;
 pub mod qga;
 pub mod qmp;

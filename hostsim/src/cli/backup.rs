@@ -41,6 +41,13 @@ pub(crate) struct BackupCmd {
     /// Verify the backup right after taking it (checksums, qemu-img check, fsck).
     #[arg(long)]
     pub(crate) verify: bool,
+    /// With --connect: every running domain of every --connect host, each into TARGET/DOMAIN;
+    /// one line per domain and a summary; the exit code is 0 only when every one succeeded.
+    #[arg(long, requires = "connect", conflicts_with = "name")]
+    pub(crate) all: bool,
+    /// With --all: this many backups at once.
+    #[arg(long, default_value_t = 1, value_name = "N", requires = "all")]
+    pub(crate) parallel: usize,
     /// Skip the free-space check (for tests of the out-of-space path).
     #[arg(long, hide = true)]
     pub(crate) no_space_check: bool,

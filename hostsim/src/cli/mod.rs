@@ -26,6 +26,7 @@ use hostsim::vm::{Vm as HVm, VmError};
 mod backup;
 mod checkpoint;
 mod man;
+mod virt;
 mod vm;
 
 use backup::BackupAction;
@@ -57,6 +58,11 @@ pub struct Cli {
     /// Attach mode: the host side of its guest agent channel (chardev socket).
     #[arg(long, global = true, value_name = "SOCK", requires = "qmp")]
     pub(crate) agent: Option<PathBuf>,
+    /// libvirt mode: the domains of the libvirtd at this URI (`qemu:///system`,
+    /// `qemu+ssh://host/system`, `qemu+tcp://host/system`); repeat it for several hosts
+    /// (`backup --all`).
+    #[arg(long, env = "VMCTL_CONNECT", global = true, value_name = "URI", conflicts_with = "qmp")]
+    pub(crate) connect: Vec<String>,
     /// Machine-readable output (one JSON document on stdout).
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -178,6 +184,12 @@ fn exit_code(e: &(dyn std::error::Error + 'static)) -> u8 {
     if let Some(e) = e.downcast_ref::<CheckpointError>() {
         return e.exit_code();
     }
+    if let Some(e) = e.downcast_ref::<hostsim::libvirt::backup::Error>() {
+        return e.exit_code();
+    }
+    if let Some(e) = e.downcast_ref::<hostsim::libvirt::LibvirtError>() {
+        return e.exit_code();
+    }
     match e.downcast_ref::<VmError>() {
         Some(VmError::NotFound { .. } | VmError::NotRunning(_)) => 3,
         Some(VmError::BadName(_)) => 2,
@@ -295,6 +307,9 @@ pub fn main() -> ExitCode {
 }
 
 pub(crate) fn run(cli: &Cli) -> Result<u8, Fail> {
+    if let Some(r) = virt::run(cli) {
+        return r;
+    }
     match &cli.cmd {
         Cmd::Create(a) => vm::create(cli, a),
         Cmd::Start { name, wait_agent, checkpoint: Some(c), .. } => checkpoint::start_from(cli, name, c, *wait_agent),
