@@ -228,11 +228,13 @@ pub struct DomainOpts {
     pub cpus: u32,
     /// Memory.
     pub memory_mib: u64,
+    /// `vmtest.writers=1`: the guest's writers run (records and SQLite, acked on org.vssd.acks.0).
+    pub writers: bool,
 }
 
 impl Default for DomainOpts {
     fn default() -> Self {
-        DomainOpts { agent: "vssd", mac: "52:54:00:56:53:01", cpus: 1, memory_mib: 512 }
+        DomainOpts { agent: "vssd", mac: "52:54:00:56:53:01", cpus: 1, memory_mib: 512, writers: false }
     }
 }
 
@@ -274,8 +276,11 @@ impl<'a> Domain<'a> {
                 copy.display()
             ));
         }
-        let cmdline =
-            format!("console=ttyS0 quiet panic=-1 vmtest.agent={} vmtest.writers=0 vmtest.interval=5", opts.agent);
+        let cmdline = format!(
+            "console=ttyS0 quiet panic=-1 vmtest.agent={} vmtest.writers={} vmtest.interval=5",
+            opts.agent,
+            u8::from(opts.writers)
+        );
         let xml = format!(
             "<domain type='qemu'>
   <name>{name}</name>
@@ -329,11 +334,8 @@ impl<'a> Domain<'a> {
     /// guest-ping through libvirt.
     pub fn start(&self, limit: Duration) {
         let t0 = Instant::now();
-        virsh(&["start", &self.name]).expect_code(0, "virsh start");
+        self.start_no_agent(limit);
         let deadline = t0 + limit;
-        while !fs::read_to_string(self.dir.join("acks.log")).unwrap_or_default().lines().any(|l| l == "ready") {
-            self.check_booting(deadline, limit, "the guest's init said \"ready\"");
-        }
         let ping = r#"{"execute":"guest-ping"}"#;
         loop {
             let out =
@@ -348,6 +350,17 @@ impl<'a> Domain<'a> {
             );
         }
         eprintln!("[libvirt] {} booted in {:.1} s", self.name, t0.elapsed().as_secs_f64());
+    }
+
+    /// Starts the domain; returns once the guest's init said "ready" (for a guest without an
+    /// agent: `vmtest.agent=none`).
+    pub fn start_no_agent(&self, limit: Duration) {
+        let t0 = Instant::now();
+        virsh(&["start", &self.name]).expect_code(0, "virsh start");
+        let deadline = t0 + limit;
+        while !fs::read_to_string(self.dir.join("acks.log")).unwrap_or_default().lines().any(|l| l == "ready") {
+            self.check_booting(deadline, limit, "the guest's init said \"ready\"");
+        }
     }
 
     fn check_booting(&self, deadline: Instant, limit: Duration, what: &str) {
@@ -382,6 +395,35 @@ impl<'a> Domain<'a> {
         fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
     }
 
+    /// The writers' acknowledgements so far (see [`crate::vm::parse_acks`]).
+    pub fn acks(&self) -> Vec<crate::vm::Ack> {
+        crate::vm::parse_acks(&fs::read_to_string(self.dir.join("acks.log")).unwrap_or_default())
+    }
+
+    /// The highest acked record per writer.
+    pub fn last_acks(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut m = std::collections::BTreeMap::new();
+        for a in self.acks() {
+            let e = m.entry(a.writer).or_insert(0);
+            *e = (*e).max(a.n);
+        }
+        m
+    }
+
+    /// Waits until `writer` has acked at least `n` records.
+    pub fn wait_acks(&self, writer: &str, n: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.last_acks().get(writer).copied().unwrap_or(0) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{}: writer {writer} did not ack {n} records within {limit:?}: {:?}",
+                self.name,
+                self.last_acks()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// libvirt's log of the domain's QEMU.
     pub fn qemu_log(&self) -> String {
         fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", self.name)).unwrap_or_default()
@@ -411,6 +453,24 @@ impl Drop for Domain<'_> {
             eprintln!("[libvirt] kept {}", self.dir.display());
         }
     }
+}
+
+/// `vmctl --connect URI ARGS` (10 min limit), whatever its exit code.
+pub fn vmctl_at<S: AsRef<std::ffi::OsStr>>(uri: &str, args: &[S]) -> Output {
+    let mut cmd = Command::new(crate::cmd::bin("vmctl"));
+    cmd.env_remove("VMCTL_CONNECT").arg("--connect").arg(uri).args(args);
+    run_with_limit(cmd, Duration::from_secs(600))
+}
+
+/// `vmctl --connect URI ARGS --json`, expecting `code`; the JSON it printed.
+pub fn vmctl_json_at<S: AsRef<std::ffi::OsStr>>(uri: &str, args: &[S], code: i32) -> serde_json::Value {
+    let mut cmd = Command::new(crate::cmd::bin("vmctl"));
+    cmd.env_remove("VMCTL_CONNECT").arg("--connect").arg(uri).args(args).arg("--json");
+    let desc = format!("{cmd:?}");
+    let out = run_with_limit(cmd, Duration::from_secs(600));
+    out.expect_code(code, &desc);
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("{desc} printed no JSON ({e}):\n{}\n{}", out.stdout, out.stderr))
 }
 
 /// The rows of a virsh table (`domfsinfo`, `domifaddr`): the lines after the `----` rule, split

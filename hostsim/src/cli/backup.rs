@@ -45,6 +45,9 @@ pub(crate) struct BackupCmd {
     /// one line per domain and a summary; the exit code is 0 only when every one succeeded.
     #[arg(long, requires = "connect", conflicts_with = "name")]
     pub(crate) all: bool,
+    /// With --all: only the domains whose names begin with PREFIX.
+    #[arg(long, value_name = "PREFIX", requires = "all")]
+    pub(crate) name_prefix: Option<String>,
     /// With --all: this many backups at once.
     #[arg(long, default_value_t = 1, value_name = "N", requires = "all")]
     pub(crate) parallel: usize,

@@ -67,10 +67,7 @@ fn list(cli: &Cli) -> Result<u8, Fail> {
     out(cli, json!({"ok": true, "vms": all}), || {
         let mut s = format!("{:<28} {:<12} {:>5} {:>8}  {}", "NAME", "STATE", "VCPUS", "MEMORY", "URI");
         for d in &all {
-            s.push_str(&format!(
-                "\n{:<28} {:<12} {:>5} {:>6}Mi  {}",
-                d.name, d.state, d.vcpus, d.memory_mib, d.uri
-            ));
+            s.push_str(&format!("\n{:<28} {:<12} {:>5} {:>6}Mi  {}", d.name, d.state, d.vcpus, d.memory_mib, d.uri));
         }
         s
     });
@@ -167,7 +164,10 @@ fn outcome_json(o: &hostsim::backup::BackupOutcome, verified: Option<&hostsim::b
 
 fn backup(cli: &Cli, b: &BackupCmd) -> Result<u8, Fail> {
     if b.bandwidth.is_some() {
-        return Err(Fail::new("--bandwidth is not available with --connect (libvirt's backup job has no speed limit)", 2));
+        return Err(Fail::new(
+            "--bandwidth is not available with --connect (libvirt's backup job has no speed limit)",
+            2,
+        ));
     }
     let Some(target) = &b.target else {
         return Err(Fail::new("with --connect, give --target DIR (on the host that runs the domain)", 2));
@@ -224,6 +224,9 @@ fn backup_all(cli: &Cli, b: &BackupCmd, target: &std::path::Path) -> Result<u8, 
     let mut jobs = Vec::new();
     for uri in &cli.connect {
         for d in Host::open(uri)?.running()? {
+            if b.name_prefix.as_ref().is_some_and(|p| !d.starts_with(p.as_str())) {
+                continue;
+            }
             jobs.push((uri.clone(), d));
         }
     }
@@ -240,7 +243,9 @@ fn backup_all(cli: &Cli, b: &BackupCmd, target: &std::path::Path) -> Result<u8, 
                         let verified = if b.verify { hostsim::backup::verify(&o.dir, true).ok() } else { None };
                         outcome_json(&o, verified.as_ref())
                     }
-                    Err(e) => json!({"ok": false, "vm": dom, "error": util::error_chain(&e), "exit-code": e.exit_code()}),
+                    Err(e) => {
+                        json!({"ok": false, "vm": dom, "error": util::error_chain(&e), "exit-code": e.exit_code()})
+                    }
                 };
                 let mut v = v;
                 v["uri"] = json!(uri);

@@ -25,7 +25,10 @@ use serde_json::json;
 use tracing::info;
 
 use super::{Dom, Host, LibvirtError};
-use crate::backup::{self, step, BackupError, BackupOutcome, Consistency, Manifest, ManifestDisk, QuiesceReport, SourceDisk, PARTIAL_PREFIX};
+use crate::backup::{
+    self, step, BackupError, BackupOutcome, Consistency, Manifest, ManifestDisk, QuiesceReport, SourceDisk,
+    PARTIAL_PREFIX,
+};
 use crate::quiesce::{self, Quiesce, QuiesceError};
 use crate::timings::Timings;
 use crate::{hash, util};
@@ -91,7 +94,8 @@ pub fn run(req: &Request) -> Result<BackupOutcome, Error> {
         return Err(LibvirtError::NotRunning(req.domain.clone()).into());
     }
     let domain_xml = dom.xml()?;
-    let disks = super::parse_disks(&domain_xml).map_err(|detail| LibvirtError::Xml { name: req.domain.clone(), detail })?;
+    let disks =
+        super::parse_disks(&domain_xml).map_err(|detail| LibvirtError::Xml { name: req.domain.clone(), detail })?;
     if disks.is_empty() {
         return Err(BackupError::NoDisks.into());
     }
@@ -102,11 +106,18 @@ pub fn run(req: &Request) -> Result<BackupOutcome, Error> {
     // The parent, and its checkpoint in libvirt.
     let parent = if req.incremental {
         let Some((pdir, pm)) = listing.good.iter().rev().find(|(_, m)| m.vm == req.domain) else {
-            return Err(BackupError::NoParent(format!("no earlier backup of `{}` in {}", req.domain, target.display())).into());
+            return Err(BackupError::NoParent(format!(
+                "no earlier backup of `{}` in {}",
+                req.domain,
+                target.display()
+            ))
+            .into());
         };
         for d in &disks {
             if !pm.disks.iter().any(|md| md.name == d.dev && md.bitmap.is_some()) {
-                return Err(BackupError::NoParent(format!("disk `{}` has no checkpoint in backup {}", d.dev, pm.id)).into());
+                return Err(
+                    BackupError::NoParent(format!("disk `{}` has no checkpoint in backup {}", d.dev, pm.id)).into()
+                );
             }
         }
         ensure_checkpoints(&dom, target, pm)?;
@@ -126,8 +137,11 @@ pub fn run(req: &Request) -> Result<BackupOutcome, Error> {
     match r {
         Ok(manifest) => {
             let dest = target.join(&id);
-            std::fs::rename(&partial, &dest)
-                .map_err(io(format!("cannot rename {} to {}", partial.display(), dest.display())))?;
+            std::fs::rename(&partial, &dest).map_err(io(format!(
+                "cannot rename {} to {}",
+                partial.display(),
+                dest.display()
+            )))?;
             util::fsync_dir(target).map_err(io("fsync of the target"))?;
             info!("manifest written: {}", dest.display());
             Ok(BackupOutcome { dir: dest, manifest })
@@ -374,7 +388,8 @@ fn wait_for_job(dom: &Dom) -> Result<u64, Error> {
     }
     match dom.job(true) {
         Ok((kind, processed, err)) if kind == virt::sys::VIR_DOMAIN_JOB_FAILED as i32 => {
-            Err(BackupError::JobFailed { disk: "*".into(), detail: err.unwrap_or_else(|| format!("{processed:?}")) }.into())
+            Err(BackupError::JobFailed { disk: "*".into(), detail: err.unwrap_or_else(|| format!("{processed:?}")) }
+                .into())
         }
         Ok((_, processed, _)) => Ok(processed.unwrap_or(last)),
         Err(_) => Ok(last),

@@ -211,7 +211,9 @@ fn status_of(uri: &str, d: &Domain) -> Result<DomainStatus, LibvirtError> {
 pub fn parse_disks(xml: &str) -> Result<Vec<DomainDisk>, String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| e.to_string())?;
     let mut v = Vec::new();
-    for d in doc.descendants().filter(|n| n.has_tag_name("disk") && n.parent().is_some_and(|p| p.has_tag_name("devices"))) {
+    for d in
+        doc.descendants().filter(|n| n.has_tag_name("disk") && n.parent().is_some_and(|p| p.has_tag_name("devices")))
+    {
         if d.attribute("device").unwrap_or("disk") != "disk" {
             continue;
         }
@@ -271,9 +273,11 @@ impl Dom {
 /// `virsh -c URI ARGS`; its stdout, or its stderr as the error.
 pub fn virsh(uri: &str, args: &[&str]) -> Result<String, LibvirtError> {
     let what = args.first().copied().unwrap_or("").to_string();
-    let out = Command::new("virsh").arg("-q").arg("-c").arg(uri).args(args).output().map_err(|e| {
-        LibvirtError::Virsh { what: what.clone(), detail: format!("cannot run virsh: {e} (apt-get install libvirt-clients)") }
-    })?;
+    let out =
+        Command::new("virsh").arg("-q").arg("-c").arg(uri).args(args).output().map_err(|e| LibvirtError::Virsh {
+            what: what.clone(),
+            detail: format!("cannot run virsh: {e} (apt-get install libvirt-clients)"),
+        })?;
     if !out.status.success() {
         return Err(LibvirtError::Virsh { what, detail: String::from_utf8_lossy(&out.stderr).trim().to_string() });
     }
