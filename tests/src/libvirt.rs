@@ -230,11 +230,14 @@ pub struct DomainOpts {
     pub memory_mib: u64,
     /// `vmtest.writers=1`: the guest's writers run (records and SQLite, acked on org.vssd.acks.0).
     pub writers: bool,
+    /// An extra disk of this many MiB of random data (`bulk.qcow2`, the last disk): something
+    /// for a copy to be timed on.
+    pub bulk_mib: u64,
 }
 
 impl Default for DomainOpts {
     fn default() -> Self {
-        DomainOpts { agent: "vssd", mac: "52:54:00:56:53:01", cpus: 1, memory_mib: 512, writers: false }
+        DomainOpts { agent: "vssd", mac: "52:54:00:56:53:01", cpus: 1, memory_mib: 512, writers: false, bulk_mib: 0 }
     }
 }
 
@@ -273,6 +276,26 @@ impl<'a> Domain<'a> {
             disks.push_str(&format!(
                 "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
                  <source file='{}'/>\n      <target dev='vd{dev}' bus='virtio'/>\n      <serial>vssd-{n}</serial>\n    </disk>\n",
+                copy.display()
+            ));
+        }
+        if opts.bulk_mib > 0 {
+            let raw = dom.dir.join("bulk.raw");
+            let mut cmd = Command::new("dd");
+            cmd.arg("if=/dev/urandom")
+                .arg(format!("of={}", raw.display()))
+                .arg("bs=1M")
+                .arg(format!("count={}", opts.bulk_mib));
+            run_with_limit(cmd, Duration::from_secs(300)).expect_code(0, "dd of the bulk disk");
+            let copy = dom.dir.join("bulk.qcow2");
+            let mut cmd = Command::new("qemu-img");
+            cmd.args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&copy);
+            run_with_limit(cmd, Duration::from_secs(300)).expect_code(0, "qemu-img convert of the bulk disk");
+            let _ = fs::remove_file(&raw);
+            let dev = (b'a' + g.disks.len() as u8) as char;
+            disks.push_str(&format!(
+                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
+                 <source file='{}'/>\n      <target dev='vd{dev}' bus='virtio'/>\n    </disk>\n",
                 copy.display()
             ));
         }

@@ -26,6 +26,7 @@ use hostsim::vm::{Vm as HVm, VmError};
 mod backup;
 mod checkpoint;
 mod man;
+#[cfg(feature = "libvirt")]
 mod virt;
 mod vm;
 
@@ -184,9 +185,11 @@ fn exit_code(e: &(dyn std::error::Error + 'static)) -> u8 {
     if let Some(e) = e.downcast_ref::<CheckpointError>() {
         return e.exit_code();
     }
+    #[cfg(feature = "libvirt")]
     if let Some(e) = e.downcast_ref::<hostsim::libvirt::backup::Error>() {
         return e.exit_code();
     }
+    #[cfg(feature = "libvirt")]
     if let Some(e) = e.downcast_ref::<hostsim::libvirt::LibvirtError>() {
         return e.exit_code();
     }
@@ -307,8 +310,13 @@ pub fn main() -> ExitCode {
 }
 
 pub(crate) fn run(cli: &Cli) -> Result<u8, Fail> {
+    #[cfg(feature = "libvirt")]
     if let Some(r) = virt::run(cli) {
         return r;
+    }
+    #[cfg(not(feature = "libvirt"))]
+    if !cli.connect.is_empty() {
+        return Err(Fail::new("this vmctl was built without libvirt (cargo feature `libvirt`)", 2));
     }
     match &cli.cmd {
         Cmd::Create(a) => vm::create(cli, a),
