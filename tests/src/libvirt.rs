@@ -198,7 +198,7 @@ impl Libvirtd {
             }
             eprintln!("[libvirt] removing the stale domain {name}");
             let _ = virsh(&["destroy", name]);
-            let _ = virsh(&["undefine", name]);
+            let _ = virsh(&["undefine", name, "--checkpoints-metadata", "--snapshots-metadata"]);
         }
     }
 }
@@ -465,7 +465,8 @@ impl Drop for Domain<'_> {
                 eprintln!("!!! virsh destroy {}: {}", self.name, out.stderr.trim());
             }
         }
-        let out = virsh(&["undefine", &self.name]);
+        // Backups leave libvirt checkpoints: their metadata goes with the domain.
+        let out = virsh(&["undefine", &self.name, "--checkpoints-metadata", "--snapshots-metadata"]);
         if out.code != Some(0) {
             eprintln!("!!! virsh undefine {}: {}", self.name, out.stderr.trim());
         }
@@ -494,6 +495,40 @@ pub fn vmctl_json_at<S: AsRef<std::ffi::OsStr>>(uri: &str, args: &[S], code: i32
     out.expect_code(code, &desc);
     serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("{desc} printed no JSON ({e}):\n{}\n{}", out.stdout, out.stderr))
+}
+
+/// libvirtd's RPC reached over TCP on loopback: a relay from `127.0.0.1:PORT` to libvirtd's
+/// unix socket, so that `qemu+tcp://127.0.0.1:PORT/system` is a remote connection (libvirt's
+/// TCP transport, as to another host) to the daemon the test runs, which listens on no TCP
+/// port itself. The relay connects as root, so libvirtd applies its unix socket's auth (none
+/// for root). It stops with the test process.
+pub struct TcpRelay {
+    /// The URI to use.
+    pub uri: String,
+}
+
+impl TcpRelay {
+    /// Listens on an ephemeral loopback port and relays every connection.
+    pub fn start() -> TcpRelay {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let Ok(u) = std::os::unix::net::UnixStream::connect("/run/libvirt/libvirt-sock") else { continue };
+                let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+                let (mut c, mut u) = (c, u);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c, &mut u);
+                    let _ = u.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut u2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        TcpRelay { uri: format!("qemu+tcp://127.0.0.1:{port}/system") }
+    }
 }
 
 /// The rows of a virsh table (`domfsinfo`, `domifaddr`): the lines after the `----` rule, split

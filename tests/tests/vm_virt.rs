@@ -9,15 +9,15 @@
 //! incremental backups of the vssd and the qemu-ga domain through libvirt's backup API, each
 //! verified (checksums, qemu-img check, fsck) and holding every record acked before it and a
 //! sound SQLite database; the checkpoint chain redefined from the backups after `virsh
-//! checkpoint-delete --metadata`; restore; `backup --all --parallel 2` over the three with one
-//! agent missing.
+//! checkpoint-delete --metadata`; restore; a remote URI (`qemu+tcp://127.0.0.1:PORT/system`); `backup --all --parallel 2` over the three with one
+//! agent missing; `backup prune` on a chain.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hostsim::inspect::RawImage;
-use tests::libvirt::{virsh, virsh_ok, vmctl_at, vmctl_json_at, Domain, DomainOpts, Libvirtd, URI};
+use tests::libvirt::{virsh, virsh_ok, vmctl_at, vmctl_json_at, Domain, DomainOpts, Libvirtd, TcpRelay, URI};
 use tests::vm::{check_records, sqlite};
 use tests::{require_libvirt, Value};
 
@@ -163,6 +163,38 @@ fn vmctl_connect_backs_up_libvirt_domains_consistently_and_keeps_their_checkpoin
         let info: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert!(info.get("backing-filename").is_none(), "a restored disk stands alone: {info}");
     }
+
+    // Prune: every backup of the chain is needed by the newest; after a new full, the old
+    // chain goes and the full stays.
+    let t = target.to_str().unwrap();
+    let p = vmctl_json_at(URI, &["backup", "prune", "--target", t, "--keep-last", "1", "--dry-run"], 0);
+    assert_eq!(p["deleted"].as_array().map(|a| a.len()), Some(0), "a kept incremental needs all: {p}");
+    assert_eq!(p["kept"].as_array().map(|a| a.len()), Some(3), "{p}");
+    let full2 = vmctl_json_at(URI, &["backup", &vssd.name, "--target", t], 0);
+    let p = vmctl_json_at(URI, &["backup", "prune", "--target", t, "--keep-last", "1"], 0);
+    assert_eq!(p["kept"], serde_json::json!([full2["id"]]), "{p}");
+    assert_eq!(p["deleted"].as_array().map(|a| a.len()), Some(3), "{p}");
+    let l = vmctl_json_at(URI, &["backup", "list", "--target", t], 0);
+    assert_eq!(l["backups"].as_array().map(|a| a.len()), Some(1), "{l}");
+    assert_eq!(vmctl_json_at(URI, &["backup", "verify", dir_of(&full2).to_str().unwrap()], 0)["ok"], true);
+
+    // A remote URI: libvirt's TCP transport (to the same daemon, through a loopback relay).
+    let relay = TcpRelay::start();
+    let l = vmctl_json_at(&relay.uri, &["list"], 0);
+    assert!(
+        l["vms"].as_array().unwrap().iter().any(|d| d["name"] == qga.name.as_str() && d["uri"] == relay.uri.as_str()),
+        "{l}"
+    );
+    assert_eq!(vmctl_json_at(&relay.uri, &["fsstatus", &qga.name], 0)["status"], "thawed");
+    let target = work.path().join(&qga.name);
+    let before = qga.last_acks();
+    let v = vmctl_json_at(
+        &relay.uri,
+        &["backup", &qga.name, "--target", target.to_str().unwrap(), "--incremental", "--verify"],
+        0,
+    );
+    assert_eq!((v["kind"].as_str(), v["verify"]["ok"].as_bool()), (Some("incremental"), Some(true)), "{v}");
+    check_contents(&dir_of(&v), &before);
 
     // --all --parallel 2: the three (one without an agent: crash-consistent, best-effort).
     let prefix = format!("{}{}-", tests::libvirt::PREFIX, std::process::id());

@@ -74,6 +74,29 @@ pub(crate) enum BackupAction {
         #[arg(long)]
         no_fsck: bool,
     },
+    /// Delete old backups by retention rules; never one that a kept incremental needs.
+    Prune {
+        /// The VM (its backups/ directory), or use --target.
+        name: Option<String>,
+        /// The target directory (with --connect: where the domain's backups are).
+        #[arg(long, value_name = "DIR")]
+        target: Option<PathBuf>,
+        /// Keep the N newest backups.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_last: usize,
+        /// Keep the newest backup of each of the N newest days that have one.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_daily: usize,
+        /// Keep the newest backup of each of the N newest weeks (from Monday) that have one.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_weekly: usize,
+        /// Keep the newest backup of each of the N newest months that have one.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_monthly: usize,
+        /// Say what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Rebuild standalone disks from a backup and its chain.
     Restore {
         /// The backup directory.

@@ -26,6 +26,7 @@ use hostsim::vm::{Vm as HVm, VmError};
 mod backup;
 mod checkpoint;
 mod man;
+mod prune;
 #[cfg(feature = "libvirt")]
 mod virt;
 mod vm;
@@ -442,6 +443,11 @@ pub(crate) fn run(cli: &Cli) -> Result<u8, Fail> {
             None => backup::run(cli, b),
             Some(BackupAction::List { name, target }) => backup::list(cli, name.as_deref(), target.as_deref()),
             Some(BackupAction::Verify { dir, no_fsck }) => backup::verify(cli, dir, !no_fsck),
+            Some(BackupAction::Prune { name, target, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run }) => {
+                let keep =
+                    prune::Keep { last: *keep_last, daily: *keep_daily, weekly: *keep_weekly, monthly: *keep_monthly };
+                prune::prune(cli, name.as_deref(), target.as_deref(), keep, *dry_run)
+            }
             Some(BackupAction::Restore { dir, to, as_vm }) => {
                 backup::restore(cli, dir, to.as_deref(), as_vm.as_deref())
             }

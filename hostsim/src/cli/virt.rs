@@ -42,11 +42,11 @@ pub(crate) fn run(cli: &Cli) -> Option<Result<u8, Fail>> {
             Ok(0)
         }),
         Cmd::Backup(b) if b.action.is_none() => backup(cli, b),
-        Cmd::Backup(BackupCmd { action: Some(BackupAction::List { .. } | BackupAction::Verify { .. }), .. })
+        Cmd::Backup(BackupCmd { action: Some(BackupAction::List { .. } | BackupAction::Verify { .. } | BackupAction::Prune { .. }), .. })
         | Cmd::Backup(BackupCmd { action: Some(BackupAction::Restore { as_vm: None, .. }), .. })
         | Cmd::Man => return None,
         _ => Err(Fail::new(
-            "with --connect, vmctl has list, status, fsfreeze, fsthaw, fsstatus, backup and backup list|verify|restore --to",
+            "with --connect, vmctl has list, status, fsfreeze, fsthaw, fsstatus, backup and backup list|verify|prune|restore --to",
             2,
         )),
     })

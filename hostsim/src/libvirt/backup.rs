@@ -379,21 +379,21 @@ fn take(
 fn wait_for_job(dom: &Dom) -> Result<u64, Error> {
     let mut last = 0;
     loop {
-        let (kind, processed, _) = dom.job(false)?;
+        let (kind, processed) = dom.job()?;
         if kind == virt::sys::VIR_DOMAIN_JOB_NONE as i32 {
             break;
         }
-        last = processed.unwrap_or(last);
+        last = last.max(processed);
         std::thread::sleep(Duration::from_millis(100));
     }
-    match dom.job(true) {
-        Ok((kind, processed, err)) if kind == virt::sys::VIR_DOMAIN_JOB_FAILED as i32 => {
-            Err(BackupError::JobFailed { disk: "*".into(), detail: err.unwrap_or_else(|| format!("{processed:?}")) }
-                .into())
-        }
-        Ok((_, processed, _)) => Ok(processed.unwrap_or(last)),
-        Err(_) => Ok(last),
+    let (failed, fields) = dom.completed_job()?;
+    let field = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    if failed {
+        let detail = field("Error message").unwrap_or_else(|| "libvirt says the job failed".into());
+        return Err(BackupError::JobFailed { disk: "(every disk)".into(), detail }.into());
     }
+    // "Data processed:   2.063 MiB" is rounded; the running job's count is exact.
+    Ok(last)
 }
 
 /// (virtual size, allocated bytes) of an image, 0s when it cannot be read (a remote host's).

@@ -256,11 +256,24 @@ impl Dom {
         LvAgent { dom: &self.dom }
     }
 
-    /// `(bytes processed, type)` of the domain's job (type 0: none runs).
-    pub fn job(&self, completed: bool) -> Result<(i32, Option<u64>, Option<String>), LibvirtError> {
-        let flags = if completed { virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED } else { 0 };
-        let s = self.dom.job_stats(flags).map_err(call(format!("the job of `{}`", self.name)))?;
-        Ok((s.r#type, s.disk_processed.or(s.data_processed), s.error_message))
+    /// The domain's job now: (type, bytes processed); type 0 (`VIR_DOMAIN_JOB_NONE`) when none
+    /// runs. (virDomainGetJobInfo: the `virt` crate's job_stats mishandles an empty answer.)
+    pub fn job(&self) -> Result<(i32, u64), LibvirtError> {
+        let s = self.dom.job_info().map_err(call(format!("the job of `{}`", self.name)))?;
+        Ok((s.r#type, s.data_processed.unwrap_or(0).max(s.disk_processed.unwrap_or(0))))
+    }
+
+    /// The last completed job, as `virsh domjobinfo --completed` tells it: (failed, its
+    /// fields).
+    pub fn completed_job(&self) -> Result<(bool, Vec<(String, String)>), LibvirtError> {
+        let text = self.virsh(&["domjobinfo", "{}", "--completed"])?;
+        let fields: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let failed = fields.iter().any(|(k, v)| k == "Job type" && v == "Failed");
+        Ok((failed, fields))
     }
 
     /// `virsh -c URI ARGS...`, with the domain's name put where `{}` is.
