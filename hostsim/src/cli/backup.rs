@@ -43,7 +43,7 @@ pub(crate) struct BackupCmd {
     pub(crate) verify: bool,
     /// With --connect: every running domain of every --connect host, each into TARGET/DOMAIN;
     /// one line per domain and a summary; the exit code is 0 only when every one succeeded.
-    #[arg(long, requires = "connect", conflicts_with = "name")]
+    #[arg(long, conflicts_with = "name")]
     pub(crate) all: bool,
     /// With --all: only the domains whose names begin with PREFIX.
     #[arg(long, value_name = "PREFIX", requires = "all")]
@@ -111,6 +111,9 @@ pub(crate) enum BackupAction {
 }
 
 pub(crate) fn run(cli: &Cli, b: &BackupCmd) -> Result<u8, Fail> {
+    if b.all {
+        return Err(Fail::new("--all backs up libvirt's domains: give --connect URI", 2));
+    }
     let t = resolve(cli, b.name.as_deref())?;
     let target = match (&b.target, &t.vm) {
         (Some(d), _) => d.clone(),

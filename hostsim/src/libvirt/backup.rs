@@ -334,10 +334,12 @@ fn take(
             bitmap: Some(id.to_string()),
         });
     }
-    // The job reports one total: share it out by file size, the one thing we know per disk.
-    let total: u64 = mdisks.iter().map(|d| d.file_size).sum::<u64>().max(1);
+    // libvirt reports one count for the whole job, and only while it runs (a small job is
+    // over before the first look): a disk's copied bytes are what its file holds.
+    info!("libvirt's job processed {copied} bytes (as last seen while it ran)");
     for d in &mut mdisks {
-        d.copied_bytes = (copied as u128 * d.file_size as u128 / total as u128) as u64;
+        use std::os::unix::fs::MetadataExt;
+        d.copied_bytes = std::fs::metadata(partial.join(&d.file)).map(|m| m.blocks() * 512).unwrap_or(d.file_size);
     }
     let cp = dom.virsh(&["checkpoint-dumpxml", "{}", id])?;
     util::write_atomic(&partial.join(CHECKPOINT_XML), cp.as_bytes()).map_err(io("cannot write checkpoint.xml"))?;
