@@ -7,8 +7,9 @@
 //! - vmctl: `vmctl --connect qemu:///system backup DOMAIN --target DIR --json`: its freeze
 //!   window (freeze request sent → thaw reply received) from the manifest;
 //! - by hand: `virsh domfsfreeze` + `virsh backup-begin` + `virsh domfsthaw`, the window timed
-//!   from before the first to after the last;
-//! and for both, the guest's write stall: the longest write + fdatasync its writers saw.
+//!   from before the first to after the last.
+//!
+//! For both, the guest's write stall: the longest write + fdatasync its writers saw.
 //! Then the copy: vmctl's backup (copy, and the whole backup with its checksums and manifest)
 //! against `virsh backup-begin` alone, timed until libvirt's job ends. The first cycle after
 //! boot is left out of the medians.
