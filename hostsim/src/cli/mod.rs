@@ -41,6 +41,8 @@ use backup::BackupAction;
 ///
 /// VMs vmctl launches live under the state directory (one directory and a vm.toml each).
 /// Attach mode drives a QEMU started elsewhere: `vmctl --qmp SOCK --agent SOCK backup --target DIR`.
+/// libvirt mode (`--connect URI`) drives libvirt's domains: list, status, fs*, backup (through
+/// libvirt's backup API and checkpoints, into a target on the domain's host), backup --all.
 ///
 /// Exit codes: 0 done; 1 the operation failed; 2 bad usage; 3 QEMU or the VM unreachable;
 /// 4 --quiesce required and the guest could not be quiesced; 5 verify found a problem.
@@ -48,7 +50,7 @@ use backup::BackupAction;
 #[command(
     version,
     propagate_version = true,
-    after_help = "Examples:\n  vmctl create web1 --kernel vmlinuz --initrd initrd.img --disk data=data.qcow2 --import\n  vmctl start web1 --wait-agent 60\n  vmctl backup web1                      # full, quiesced when the agent answers\n  vmctl backup web1 --incremental        # only what changed since the last backup\n  vmctl backup list web1\n  vmctl backup verify /var/lib/vmctl/web1/backups/web1-20260101-120000-000-full\n  vmctl --qmp /run/qmp.sock --agent /run/qga.sock backup --target /srv/backups --json"
+    after_help = "Examples:\n  vmctl create web1 --kernel vmlinuz --initrd initrd.img --disk data=data.qcow2 --import\n  vmctl start web1 --wait-agent 60\n  vmctl backup web1                      # full, quiesced when the agent answers\n  vmctl backup web1 --incremental        # only what changed since the last backup\n  vmctl backup list web1\n  vmctl backup verify /var/lib/vmctl/web1/backups/web1-20260101-120000-000-full\n  vmctl --qmp /run/qmp.sock --agent /run/qga.sock backup --target /srv/backups --json\n  vmctl --connect qemu:///system backup web1 --target /srv/backups/web1 --incremental   # a libvirt domain\n  vmctl --connect qemu+ssh://h1/system --connect qemu+ssh://h2/system backup --all --parallel 2 --target /srv/backups\n  vmctl backup prune --target /srv/backups/web1 --keep-daily 7 --keep-weekly 4 --dry-run"
 )]
 pub struct Cli {
     /// Where VMs live.

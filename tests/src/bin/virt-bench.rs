@@ -126,6 +126,7 @@ fn main() {
 
     let (mut vm_window, mut vm_stall, mut hand_window, mut hand_stall) = (vec![], vec![], vec![], vec![]);
     let (mut vm_copy, mut vm_total) = (vec![], vec![]);
+    let (mut vm_freeze, mut vm_begin, mut vm_thaw) = (vec![], vec![], vec![]);
     let mut bytes = 0;
     for i in 0..=cycles {
         // vmctl.
@@ -159,6 +160,9 @@ fn main() {
         vm_window.push(v["freeze_window_ms"].as_f64().unwrap());
         vm_stall.push(stall);
         vm_copy.push(v["timings"]["copy_ms"].as_f64().unwrap());
+        vm_freeze.push(v["timings"]["freeze_ms"].as_f64().unwrap());
+        vm_begin.push(v["timings"]["transaction_ms"].as_f64().unwrap());
+        vm_thaw.push(v["timings"]["thaw_ms"].as_f64().unwrap());
         vm_total.push(v["timings"]["total_ms"].as_f64().unwrap());
         hand_window.push(window);
         hand_stall.push(hstall);
@@ -180,7 +184,8 @@ fn main() {
     let r = json!({
         "cycles": cycles,
         "bytes": bytes,
-        "vmctl": {"window_ms": w, "stall_ms": s, "copy_ms": c, "total_ms": tot,
+        "vmctl": {"window_ms": w, "stall_ms": s, "freeze_ms": median(&mut vm_freeze),
+                  "backup_begin_ms": median(&mut vm_begin), "thaw_ms": median(&mut vm_thaw), "copy_ms": c, "total_ms": tot,
                   "copy_mib_s": mib / (c / 1000.0), "total_mib_s": mib / (tot / 1000.0)},
         "by_hand": {"window_ms": hw, "stall_ms": hs},
         "backup_begin_alone": {"ms": p, "mib_s": mib / (p / 1000.0)},
