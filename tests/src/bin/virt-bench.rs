@@ -209,6 +209,12 @@ fn print(r: &Value, mib: f64) {
         f(&r["vmctl"]["stall_ms"])
     );
     println!(
+        "  vmctl's window: freeze {:.1} + virsh backup-begin {:.1} + thaw {:.1} ms",
+        f(&r["vmctl"]["freeze_ms"]),
+        f(&r["vmctl"]["backup_begin_ms"]),
+        f(&r["vmctl"]["thaw_ms"])
+    );
+    println!(
         "{:<44} {:>10.1} {:>12.1}",
         "virsh domfsfreeze + backup-begin + domfsthaw",
         f(&r["by_hand"]["window_ms"]),
