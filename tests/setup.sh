@@ -22,6 +22,7 @@ pkgs=(
   qemu-guest-agent                 # the peer we compare with (run only scoped, never as a service)
   qemu-system-x86 qemu-utils       # the VM tier and vmctl: a real guest under QEMU (TCG here)
   libvirt-daemon-system libvirt-clients  # vm_libvirt: virsh against the agents (QEMU driver comes as a dependency)
+  libvirt-dev                      # vmctl --connect: the virt crate links libvirt and libvirt-qemu
   busybox-static cpio fdisk        # the guest image: busybox initramfs, partitioned data disk
   dosfstools sqlite3               # vfat in the guest (cannot-freeze), SQLite checks of backups
   python3                          # appvss's Python example (appvss/tests/python.rs)

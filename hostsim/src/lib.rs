@@ -18,6 +18,8 @@ pub mod checkpoint;
 pub mod envelope;
 pub mod hash;
 pub mod inspect;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod oplock;
 pub mod qga;
 pub mod qmp;

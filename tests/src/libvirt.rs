@@ -198,7 +198,7 @@ impl Libvirtd {
             }
             eprintln!("[libvirt] removing the stale domain {name}");
             let _ = virsh(&["destroy", name]);
-            let _ = virsh(&["undefine", name]);
+            let _ = virsh(&["undefine", name, "--checkpoints-metadata", "--snapshots-metadata"]);
         }
     }
 }
@@ -228,11 +228,16 @@ pub struct DomainOpts {
     pub cpus: u32,
     /// Memory.
     pub memory_mib: u64,
+    /// `vmtest.writers=1`: the guest's writers run (records and SQLite, acked on org.vssd.acks.0).
+    pub writers: bool,
+    /// An extra disk of this many MiB of random data (`bulk.qcow2`, the last disk): something
+    /// for a copy to be timed on.
+    pub bulk_mib: u64,
 }
 
 impl Default for DomainOpts {
     fn default() -> Self {
-        DomainOpts { agent: "vssd", mac: "52:54:00:56:53:01", cpus: 1, memory_mib: 512 }
+        DomainOpts { agent: "vssd", mac: "52:54:00:56:53:01", cpus: 1, memory_mib: 512, writers: false, bulk_mib: 0 }
     }
 }
 
@@ -274,8 +279,31 @@ impl<'a> Domain<'a> {
                 copy.display()
             ));
         }
-        let cmdline =
-            format!("console=ttyS0 quiet panic=-1 vmtest.agent={} vmtest.writers=0 vmtest.interval=5", opts.agent);
+        if opts.bulk_mib > 0 {
+            let raw = dom.dir.join("bulk.raw");
+            let mut cmd = Command::new("dd");
+            cmd.arg("if=/dev/urandom")
+                .arg(format!("of={}", raw.display()))
+                .arg("bs=1M")
+                .arg(format!("count={}", opts.bulk_mib));
+            run_with_limit(cmd, Duration::from_secs(300)).expect_code(0, "dd of the bulk disk");
+            let copy = dom.dir.join("bulk.qcow2");
+            let mut cmd = Command::new("qemu-img");
+            cmd.args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&copy);
+            run_with_limit(cmd, Duration::from_secs(300)).expect_code(0, "qemu-img convert of the bulk disk");
+            let _ = fs::remove_file(&raw);
+            let dev = (b'a' + g.disks.len() as u8) as char;
+            disks.push_str(&format!(
+                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
+                 <source file='{}'/>\n      <target dev='vd{dev}' bus='virtio'/>\n    </disk>\n",
+                copy.display()
+            ));
+        }
+        let cmdline = format!(
+            "console=ttyS0 quiet panic=-1 vmtest.agent={} vmtest.writers={} vmtest.interval=5",
+            opts.agent,
+            u8::from(opts.writers)
+        );
         let xml = format!(
             "<domain type='qemu'>
   <name>{name}</name>
@@ -329,11 +357,8 @@ impl<'a> Domain<'a> {
     /// guest-ping through libvirt.
     pub fn start(&self, limit: Duration) {
         let t0 = Instant::now();
-        virsh(&["start", &self.name]).expect_code(0, "virsh start");
+        self.start_no_agent(limit);
         let deadline = t0 + limit;
-        while !fs::read_to_string(self.dir.join("acks.log")).unwrap_or_default().lines().any(|l| l == "ready") {
-            self.check_booting(deadline, limit, "the guest's init said \"ready\"");
-        }
         let ping = r#"{"execute":"guest-ping"}"#;
         loop {
             let out =
@@ -348,6 +373,17 @@ impl<'a> Domain<'a> {
             );
         }
         eprintln!("[libvirt] {} booted in {:.1} s", self.name, t0.elapsed().as_secs_f64());
+    }
+
+    /// Starts the domain; returns once the guest's init said "ready" (for a guest without an
+    /// agent: `vmtest.agent=none`).
+    pub fn start_no_agent(&self, limit: Duration) {
+        let t0 = Instant::now();
+        virsh(&["start", &self.name]).expect_code(0, "virsh start");
+        let deadline = t0 + limit;
+        while !fs::read_to_string(self.dir.join("acks.log")).unwrap_or_default().lines().any(|l| l == "ready") {
+            self.check_booting(deadline, limit, "the guest's init said \"ready\"");
+        }
     }
 
     fn check_booting(&self, deadline: Instant, limit: Duration, what: &str) {
@@ -382,6 +418,35 @@ impl<'a> Domain<'a> {
         fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
     }
 
+    /// The writers' acknowledgements so far (see [`crate::vm::parse_acks`]).
+    pub fn acks(&self) -> Vec<crate::vm::Ack> {
+        crate::vm::parse_acks(&fs::read_to_string(self.dir.join("acks.log")).unwrap_or_default())
+    }
+
+    /// The highest acked record per writer.
+    pub fn last_acks(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut m = std::collections::BTreeMap::new();
+        for a in self.acks() {
+            let e = m.entry(a.writer).or_insert(0);
+            *e = (*e).max(a.n);
+        }
+        m
+    }
+
+    /// Waits until `writer` has acked at least `n` records.
+    pub fn wait_acks(&self, writer: &str, n: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.last_acks().get(writer).copied().unwrap_or(0) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{}: writer {writer} did not ack {n} records within {limit:?}: {:?}",
+                self.name,
+                self.last_acks()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// libvirt's log of the domain's QEMU.
     pub fn qemu_log(&self) -> String {
         fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", self.name)).unwrap_or_default()
@@ -400,7 +465,8 @@ impl Drop for Domain<'_> {
                 eprintln!("!!! virsh destroy {}: {}", self.name, out.stderr.trim());
             }
         }
-        let out = virsh(&["undefine", &self.name]);
+        // Backups leave libvirt checkpoints: their metadata goes with the domain.
+        let out = virsh(&["undefine", &self.name, "--checkpoints-metadata", "--snapshots-metadata"]);
         if out.code != Some(0) {
             eprintln!("!!! virsh undefine {}: {}", self.name, out.stderr.trim());
         }
@@ -410,6 +476,58 @@ impl Drop for Domain<'_> {
         } else {
             eprintln!("[libvirt] kept {}", self.dir.display());
         }
+    }
+}
+
+/// `vmctl --connect URI ARGS` (10 min limit), whatever its exit code.
+pub fn vmctl_at<S: AsRef<std::ffi::OsStr>>(uri: &str, args: &[S]) -> Output {
+    let mut cmd = Command::new(crate::cmd::bin("vmctl"));
+    cmd.env_remove("VMCTL_CONNECT").arg("--connect").arg(uri).args(args);
+    run_with_limit(cmd, Duration::from_secs(600))
+}
+
+/// `vmctl --connect URI ARGS --json`, expecting `code`; the JSON it printed.
+pub fn vmctl_json_at<S: AsRef<std::ffi::OsStr>>(uri: &str, args: &[S], code: i32) -> serde_json::Value {
+    let mut cmd = Command::new(crate::cmd::bin("vmctl"));
+    cmd.env_remove("VMCTL_CONNECT").arg("--connect").arg(uri).args(args).arg("--json");
+    let desc = format!("{cmd:?}");
+    let out = run_with_limit(cmd, Duration::from_secs(600));
+    out.expect_code(code, &desc);
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("{desc} printed no JSON ({e}):\n{}\n{}", out.stdout, out.stderr))
+}
+
+/// libvirtd's RPC reached over TCP on loopback: a relay from `127.0.0.1:PORT` to libvirtd's
+/// unix socket, so that `qemu+tcp://127.0.0.1:PORT/system` is a remote connection (libvirt's
+/// TCP transport, as to another host) to the daemon the test runs, which listens on no TCP
+/// port itself. The relay connects as root, so libvirtd applies its unix socket's auth (none
+/// for root). It stops with the test process.
+pub struct TcpRelay {
+    /// The URI to use.
+    pub uri: String,
+}
+
+impl TcpRelay {
+    /// Listens on an ephemeral loopback port and relays every connection.
+    pub fn start() -> TcpRelay {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let Ok(u) = std::os::unix::net::UnixStream::connect("/run/libvirt/libvirt-sock") else { continue };
+                let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+                let (mut c, mut u) = (c, u);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c, &mut u);
+                    let _ = u.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut u2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        TcpRelay { uri: format!("qemu+tcp://127.0.0.1:{port}/system") }
     }
 }
 

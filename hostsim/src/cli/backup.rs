@@ -41,6 +41,16 @@ pub(crate) struct BackupCmd {
     /// Verify the backup right after taking it (checksums, qemu-img check, fsck).
     #[arg(long)]
     pub(crate) verify: bool,
+    /// With --connect: every running domain of every --connect host, each into TARGET/DOMAIN;
+    /// one line per domain and a summary; the exit code is 0 only when every one succeeded.
+    #[arg(long, conflicts_with = "name")]
+    pub(crate) all: bool,
+    /// With --all: only the domains whose names begin with PREFIX.
+    #[arg(long, value_name = "PREFIX", requires = "all")]
+    pub(crate) name_prefix: Option<String>,
+    /// With --all: this many backups at once.
+    #[arg(long, default_value_t = 1, value_name = "N", requires = "all")]
+    pub(crate) parallel: usize,
     /// Skip the free-space check (for tests of the out-of-space path).
     #[arg(long, hide = true)]
     pub(crate) no_space_check: bool,
@@ -64,6 +74,29 @@ pub(crate) enum BackupAction {
         #[arg(long)]
         no_fsck: bool,
     },
+    /// Delete old backups by retention rules; never one that a kept incremental needs.
+    Prune {
+        /// The VM (its backups/ directory), or use --target.
+        name: Option<String>,
+        /// The target directory (with --connect: where the domain's backups are).
+        #[arg(long, value_name = "DIR")]
+        target: Option<PathBuf>,
+        /// Keep the N newest backups.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_last: usize,
+        /// Keep the newest backup of each of the N newest days that have one.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_daily: usize,
+        /// Keep the newest backup of each of the N newest weeks (from Monday) that have one.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_weekly: usize,
+        /// Keep the newest backup of each of the N newest months that have one.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_monthly: usize,
+        /// Say what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Rebuild standalone disks from a backup and its chain.
     Restore {
         /// The backup directory.
@@ -78,6 +111,9 @@ pub(crate) enum BackupAction {
 }
 
 pub(crate) fn run(cli: &Cli, b: &BackupCmd) -> Result<u8, Fail> {
+    if b.all {
+        return Err(Fail::new("--all backs up libvirt's domains: give --connect URI", 2));
+    }
     let t = resolve(cli, b.name.as_deref())?;
     let target = match (&b.target, &t.vm) {
         (Some(d), _) => d.clone(),

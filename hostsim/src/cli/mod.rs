@@ -26,6 +26,9 @@ use hostsim::vm::{Vm as HVm, VmError};
 mod backup;
 mod checkpoint;
 mod man;
+mod prune;
+#[cfg(feature = "libvirt")]
+mod virt;
 mod vm;
 
 use backup::BackupAction;
@@ -38,6 +41,8 @@ use backup::BackupAction;
 ///
 /// VMs vmctl launches live under the state directory (one directory and a vm.toml each).
 /// Attach mode drives a QEMU started elsewhere: `vmctl --qmp SOCK --agent SOCK backup --target DIR`.
+/// libvirt mode (`--connect URI`) drives libvirt's domains: list, status, fs*, backup (through
+/// libvirt's backup API and checkpoints, into a target on the domain's host), backup --all.
 ///
 /// Exit codes: 0 done; 1 the operation failed; 2 bad usage; 3 QEMU or the VM unreachable;
 /// 4 --quiesce required and the guest could not be quiesced; 5 verify found a problem.
@@ -45,7 +50,7 @@ use backup::BackupAction;
 #[command(
     version,
     propagate_version = true,
-    after_help = "Examples:\n  vmctl create web1 --kernel vmlinuz --initrd initrd.img --disk data=data.qcow2 --import\n  vmctl start web1 --wait-agent 60\n  vmctl backup web1                      # full, quiesced when the agent answers\n  vmctl backup web1 --incremental        # only what changed since the last backup\n  vmctl backup list web1\n  vmctl backup verify /var/lib/vmctl/web1/backups/web1-20260101-120000-000-full\n  vmctl --qmp /run/qmp.sock --agent /run/qga.sock backup --target /srv/backups --json"
+    after_help = "Examples:\n  vmctl create web1 --kernel vmlinuz --initrd initrd.img --disk data=data.qcow2 --import\n  vmctl start web1 --wait-agent 60\n  vmctl backup web1                      # full, quiesced when the agent answers\n  vmctl backup web1 --incremental        # only what changed since the last backup\n  vmctl backup list web1\n  vmctl backup verify /var/lib/vmctl/web1/backups/web1-20260101-120000-000-full\n  vmctl --qmp /run/qmp.sock --agent /run/qga.sock backup --target /srv/backups --json\n  vmctl --connect qemu:///system backup web1 --target /srv/backups/web1 --incremental   # a libvirt domain\n  vmctl --connect qemu+ssh://h1/system --connect qemu+ssh://h2/system backup --all --parallel 2 --target /srv/backups\n  vmctl backup prune --target /srv/backups/web1 --keep-daily 7 --keep-weekly 4 --dry-run"
 )]
 pub struct Cli {
     /// Where VMs live.
@@ -57,6 +62,11 @@ pub struct Cli {
     /// Attach mode: the host side of its guest agent channel (chardev socket).
     #[arg(long, global = true, value_name = "SOCK", requires = "qmp")]
     pub(crate) agent: Option<PathBuf>,
+    /// libvirt mode: the domains of the libvirtd at this URI (`qemu:///system`,
+    /// `qemu+ssh://host/system`, `qemu+tcp://host/system`); repeat it for several hosts
+    /// (`backup --all`).
+    #[arg(long, env = "VMCTL_CONNECT", global = true, value_name = "URI", conflicts_with = "qmp")]
+    pub(crate) connect: Vec<String>,
     /// Machine-readable output (one JSON document on stdout).
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -178,6 +188,14 @@ fn exit_code(e: &(dyn std::error::Error + 'static)) -> u8 {
     if let Some(e) = e.downcast_ref::<CheckpointError>() {
         return e.exit_code();
     }
+    #[cfg(feature = "libvirt")]
+    if let Some(e) = e.downcast_ref::<hostsim::libvirt::backup::Error>() {
+        return e.exit_code();
+    }
+    #[cfg(feature = "libvirt")]
+    if let Some(e) = e.downcast_ref::<hostsim::libvirt::LibvirtError>() {
+        return e.exit_code();
+    }
     match e.downcast_ref::<VmError>() {
         Some(VmError::NotFound { .. } | VmError::NotRunning(_)) => 3,
         Some(VmError::BadName(_)) => 2,
@@ -295,6 +313,14 @@ pub fn main() -> ExitCode {
 }
 
 pub(crate) fn run(cli: &Cli) -> Result<u8, Fail> {
+    #[cfg(feature = "libvirt")]
+    if let Some(r) = virt::run(cli) {
+        return r;
+    }
+    #[cfg(not(feature = "libvirt"))]
+    if !cli.connect.is_empty() {
+        return Err(Fail::new("this vmctl was built without libvirt (cargo feature `libvirt`)", 2));
+    }
     match &cli.cmd {
         Cmd::Create(a) => vm::create(cli, a),
         Cmd::Start { name, wait_agent, checkpoint: Some(c), .. } => checkpoint::start_from(cli, name, c, *wait_agent),
@@ -419,6 +445,11 @@ pub(crate) fn run(cli: &Cli) -> Result<u8, Fail> {
             None => backup::run(cli, b),
             Some(BackupAction::List { name, target }) => backup::list(cli, name.as_deref(), target.as_deref()),
             Some(BackupAction::Verify { dir, no_fsck }) => backup::verify(cli, dir, !no_fsck),
+            Some(BackupAction::Prune { name, target, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run }) => {
+                let keep =
+                    prune::Keep { last: *keep_last, daily: *keep_daily, weekly: *keep_weekly, monthly: *keep_monthly };
+                prune::prune(cli, name.as_deref(), target.as_deref(), keep, *dry_run)
+            }
             Some(BackupAction::Restore { dir, to, as_vm }) => {
                 backup::restore(cli, dir, to.as_deref(), as_vm.as_deref())
             }
