@@ -267,12 +267,17 @@ fn vssd_under_systemd_starts_by_udev_survives_a_kill_while_frozen_and_thaws_befo
         "the filesystem mounted after vssd started is not in the freeze report: {frozen_mps:?}\n{r}"
     );
     assert!(frozen_mps.iter().any(|m| m == "/"), "the root filesystem is not frozen: {frozen_mps:?}");
+    // (The bus announces a freeze once it is complete: poll a moment.)
+    let until = Instant::now() + Duration::from_secs(10);
+    while bus_prop(&vm, "State") != json!("frozen") {
+        assert!(Instant::now() < until, "State (busctl) did not become frozen within 10 s of the freeze");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let mut in_prop = bus_prop(&vm, "FrozenFilesystems").as_array().unwrap().clone();
     in_prop.sort_by_key(|v| v.to_string());
     let mut want: Vec<Value> = frozen_mps.iter().map(|m| json!(m)).collect();
     want.sort_by_key(|v| v.to_string());
     assert_eq!(in_prop, want, "FrozenFilesystems (busctl) is not the report's frozen list");
-    assert_eq!(bus_prop(&vm, "State"), json!("frozen"));
     let left = bus_prop(&vm, "SecondsUntilAutoThaw").as_f64().unwrap();
     assert!(left > 30.0 && left <= 60.0, "SecondsUntilAutoThaw {left}");
     eprintln!(
