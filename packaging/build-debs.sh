@@ -80,10 +80,14 @@ revision=${DEB_REVISION:-1}
 want=" ${DEB_PACKAGES:-vssd libappvss0 libappvss-dev vmctl} "
 wanted() { [[ $want = *" $1 "* ]]; }
 debs=()
+# cargo-deb removes the other versions of a package from its output directory: another
+# revision goes to a directory of its own, so that both builds stay (the upgrade test needs both).
+outdir=()
+[ "$revision" = 1 ] || outdir=(--output "$(dirname "$rel")/debian/r$revision/")
 deb() {
   # cargo-deb prints the path of the package it made, last.
   local out
-  out=$(cargo deb --no-build --locked --deb-revision "$revision" "$@" | tail -1)
+  out=$(cargo deb --no-build --locked --deb-revision "$revision" "${outdir[@]}" "$@" | tail -1)
   [ -f "$out" ] || { echo "build-debs.sh: cargo deb $* made no package (it said: $out)" >&2; exit 1; }
   debs+=("$out")
 }
@@ -102,7 +106,7 @@ if wanted libappvss0 || wanted libappvss-dev; then
   work=$gen/dpkg
   rm -rf "$work" && mkdir -p "$work"
   # cargo-deb's -dev package, unpacked: it gives the copyright and changelog for libappvss0 too.
-  dev=$(cargo deb --no-build --locked --deb-revision "$revision" -p appvss --multiarch=same | tail -1)
+  dev=$(cargo deb --no-build --locked --deb-revision "$revision" "${outdir[@]}" -p appvss --multiarch=same | tail -1)
   [ -f "$dev" ] || { echo "build-debs.sh: cargo deb -p appvss made no package (it said: $dev)" >&2; exit 1; }
   dpkg-deb -R "$dev" "$work/dev"
 
