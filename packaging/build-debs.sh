@@ -80,8 +80,8 @@ revision=${DEB_REVISION:-1}
 want=" ${DEB_PACKAGES:-vssd libappvss0 libappvss-dev vmctl} "
 wanted() { [[ $want = *" $1 "* ]]; }
 debs=()
-# cargo-deb removes the other versions of a package from its output directory: another
-# revision goes to a directory of its own, so that both builds stay (the upgrade test needs both).
+# Another revision goes to a directory of its own. (cargo-deb also deletes the other versions
+# of the package from target/debian/: copy a build away first to keep it.)
 outdir=()
 [ "$revision" = 1 ] || outdir=(--output "$(dirname "$rel")/debian/r$revision/")
 deb() {

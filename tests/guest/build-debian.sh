@@ -111,6 +111,9 @@ fi
 # reinstall after purge. VSSD_DEB_NEXT overrides; with VSSD_DEB and no VSSD_DEB_NEXT, none.
 next=${VSSD_DEB_NEXT:-}
 if [ -z "$next" ] && [ -z "${VSSD_DEB:-}" ] && [ -n "$deb" ]; then
+  # cargo-deb deletes the other versions of a package it finds in target/debian: keep this one.
+  cp "$deb" "$out/work/$(basename "$deb")"
+  deb=$out/work/$(basename "$deb")
   rev=$(dpkg-deb -f "$deb" Version | sed -n 's/.*-\([0-9]*\)$/\1/p')
   say "building the upgrade's vssd package (revision $((rev + 1)))"
   next=$(cd "$ws" && CARGO_TARGET_DIR="$target" DEB_REVISION=$((rev + 1)) DEB_PACKAGES=vssd bash packaging/build-debs.sh \
