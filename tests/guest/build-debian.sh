@@ -26,6 +26,8 @@
 # that nothing it does touches a frozen filesystem.
 #
 # Env:  VSSD_DEB       install this vssd package instead of building one.
+#       VSSD_DEB_NEXT  the newer vssd package the upgrade test installs (default: built here,
+#                      the next Debian revision of the same build; none with VSSD_DEB alone).
 #       VSSD_GUEST_COPY=1  copy the binaries in instead of installing the package.
 #       DEBIAN_MIRROR  the mirror debootstrap uses (default: the first deb.debian.org-style
 #                      URI of this machine's apt sources, else http://deb.debian.org/debian).
@@ -104,10 +106,26 @@ if [ -z "$deb" ] && [ -z "${VSSD_GUEST_COPY:-}" ] && [ -f "$ws/packaging/build-d
   [ -n "$deb" ] || { tail -n 30 "$out/work/build-debs.log" >&2; die "packaging/build-debs.sh printed no vssd_*.deb"; }
   [[ $deb = /* ]] || deb=$ws/$deb
 fi
+# The upgrade's package: a newer build of the same vssd (the next Debian revision), kept in the
+# guest at /opt/vmtest/vssd-next.deb for vm_systemd's upgrade (dpkg -i while vssd runs) and
+# reinstall after purge. VSSD_DEB_NEXT overrides; with VSSD_DEB and no VSSD_DEB_NEXT, none.
+next=${VSSD_DEB_NEXT:-}
+if [ -z "$next" ] && [ -z "${VSSD_DEB:-}" ] && [ -n "$deb" ]; then
+  # cargo-deb deletes the other versions of a package it finds in target/debian: keep this one.
+  cp "$deb" "$out/work/$(basename "$deb")"
+  deb=$out/work/$(basename "$deb")
+  rev=$(dpkg-deb -f "$deb" Version | sed -n 's/.*-\([0-9]*\)$/\1/p')
+  say "building the upgrade's vssd package (revision $((rev + 1)))"
+  next=$(cd "$ws" && CARGO_TARGET_DIR="$target" DEB_REVISION=$((rev + 1)) DEB_PACKAGES=vssd bash packaging/build-debs.sh \
+           2>>"$out/work/build-debs.log" | grep '/vssd_[^/]*\.deb$' | head -n 1) \
+    || { tail -n 30 "$out/work/build-debs.log" >&2; die "packaging/build-debs.sh (DEB_REVISION) failed"; }
+  [[ $next = /* ]] || next=$ws/$next
+fi
 if [ -n "$deb" ]; then
   [ -f "$deb" ] || die "no package at $deb"
-  say "vssd from the package $(basename "$deb")"
+  say "vssd from the package $(basename "$deb")${next:+, upgrade to $(basename "$next")}"
   vssd_inputs=("$deb")
+  [ -z "$next" ] || vssd_inputs+=("$next")
 else
   (cd "$ws" && CARGO_TARGET_DIR="$target" cargo build --workspace --locked --bins --quiet) \
     || die "cargo could not build the workspace's binaries (vssctl for the guest)"
@@ -138,6 +156,10 @@ if [ -n "$deb" ]; then
   chroot "$stage" dpkg -i /tmp/vssd.deb >"$out/work/dpkg.log" 2>&1 \
     || { cat "$out/work/dpkg.log" >&2; die "dpkg -i $(basename "$deb") failed in the guest's root"; }
   rm -f "$stage/tmp/vssd.deb"
+  # The packages for the upgrade and the reinstall after purge (on the root disk: dpkg reads them).
+  mkdir -p "$stage/opt/vmtest"
+  cp "$deb" "$stage/opt/vmtest/vssd.deb"
+  [ -z "$next" ] || cp "$next" "$stage/opt/vmtest/vssd-next.deb"
 else
   install -m 0755 "$vssd_bin" "$stage/usr/sbin/vssd"
   install -m 0755 "$vssctl_bin" "$stage/usr/bin/vssctl"
@@ -217,7 +239,8 @@ After=vssd.service
 
 [Service]
 ExecStart=/usr/bin/sqlite_writer /data/db/app.db --name sqlite --interval-ms 20
-StandardOutput=null
+# Its acknowledgements ("ack N": record N is committed), in /run: never on a frozen filesystem.
+StandardOutput=append:/run/vmtest-sqlite.acks
 Restart=always
 RestartSec=1
 

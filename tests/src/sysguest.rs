@@ -11,8 +11,6 @@
 //! the tests run writes to a filesystem they froze.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -254,43 +252,7 @@ impl SysVm {
 
     /// [`SysVm::shell`] that reports instead of panicking (for Drop).
     pub fn try_shell(&self, cmd: &str, limit: Duration) -> Result<(i32, String), String> {
-        let path = self.dir().join("port-org.vssd.shell.0.sock");
-        let deadline = Instant::now() + limit;
-        let mut s = loop {
-            match UnixStream::connect(&path) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-                Err(e) => return Err(format!("cannot reach the guest shell at {}: {e}", path.display())),
-            }
-        };
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let marker = format!("__vmt_done_{}_", SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let script = format!("{{ {cmd}\n}} </dev/null 2>&1; echo \"{marker}$?\"\n");
-        s.write_all(script.as_bytes()).map_err(|e| format!("send to the guest shell: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => {
-                    return Err(format!("the guest shell closed; output so far:\n{}", String::from_utf8_lossy(&out)))
-                }
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) => return Err(format!("reading the guest shell: {e}")),
-            }
-            let text = String::from_utf8_lossy(&out);
-            if let Some(i) = text.find(&marker) {
-                let rest = &text[i + marker.len()..];
-                if let Some(end) = rest.find('\n') {
-                    let code = rest[..end].trim().parse().unwrap_or(-1);
-                    return Ok((code, text[..i].to_string()));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!("guest command `{cmd}` did not finish within {limit:?}; output so far:\n{text}"));
-            }
-        }
+        crate::vm::shell_at(&self.dir().join("port-org.vssd.shell.0.sock"), cmd, limit)
     }
 
     /// Runs a guest command that must succeed; returns its output.
@@ -355,4 +317,175 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The systemd guest as a libvirt domain (TCG) under a [`crate::libvirt::Libvirtd`], for the
+/// `virsh` checks against the packaged vssd (tests/tests/vm_systemd_libvirt.rs).
+///
+/// Invariants: the domain is named `vssd-test-PID-SUFFIX` (the prefix libvirt.rs cleans up
+/// after a dead test) and is destroyed and undefined in `Drop`, also when the test panics
+/// (after printing the console); its disks are qcow2 overlays in a directory of its own under
+/// /tmp, on the pristine images, which QEMU never writes; QEMU runs as root with no
+/// relabelling (`<seclabel model='dac' relabel='no'>`), so libvirt chowns no file of the image.
+pub struct SysDomain<'a> {
+    /// `vssd-test-PID-SUFFIX`.
+    pub name: String,
+    /// Its files: overlays, console.log, shell.sock, snapshot overlays.
+    pub dir: PathBuf,
+    _lv: &'a crate::libvirt::Libvirtd,
+}
+
+impl<'a> SysDomain<'a> {
+    /// Defines the domain (not started): root disk vda, then the data disks.
+    pub fn define(lv: &'a crate::libvirt::Libvirtd, suffix: &str) -> SysDomain<'a> {
+        let g = image();
+        let name = format!("{}{}-{suffix}", crate::libvirt::PREFIX, std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("vssd-libvirt-{}-{suffix}-", std::process::id()))
+            .tempdir_in("/tmp")
+            .unwrap()
+            .keep();
+        let dom = SysDomain { name, dir, _lv: lv };
+        let mut disks = String::new();
+        let all = std::iter::once(("root".to_string(), g.root.clone())).chain(g.disks.iter().cloned());
+        for (i, (n, p)) in all.enumerate() {
+            let overlay = dom.dir.join(format!("{n}.qcow2"));
+            let mut cmd = Command::new("qemu-img");
+            cmd.args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(p.canonicalize().unwrap()).arg(&overlay);
+            run_with_limit(cmd, Duration::from_secs(60)).expect_code(0, "qemu-img create (overlay)");
+            let dev = (b'a' + i as u8) as char;
+            disks.push_str(&format!(
+                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
+                 <source file='{}'/>\n      <target dev='vd{dev}' bus='virtio'/>\n    </disk>\n",
+                overlay.display()
+            ));
+        }
+        let xml = format!(
+            "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>768</memory>
+  <vcpu>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 panic=-1 net.ifnames=0</cmdline>
+  </os>
+  <features><acpi/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+{disks}    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <channel type='unix'>
+      <source mode='bind' path='{dir}/shell.sock'/>
+      <target type='virtio' name='org.vssd.shell.0'/>
+    </channel>
+    <serial type='file'>
+      <source path='{dir}/console.log'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+  <seclabel type='static' model='dac' relabel='no'>
+    <label>+0:+0</label>
+  </seclabel>
+</domain>
+",
+            name = dom.name,
+            kernel = g.kernel.canonicalize().unwrap().display(),
+            initrd = g.initrd.canonicalize().unwrap().display(),
+            dir = dom.dir.display(),
+        );
+        let xml_path = dom.dir.join("domain.xml");
+        fs::write(&xml_path, xml).unwrap();
+        crate::libvirt::virsh(&["define".as_ref(), xml_path.as_os_str()]).expect_code(0, "virsh define");
+        dom
+    }
+
+    /// Starts the domain; returns once vssd answers a guest-ping through libvirt and the boot
+    /// is complete (`systemctl is-system-running --wait`).
+    pub fn start(&self, limit: Duration) -> Duration {
+        let t0 = Instant::now();
+        crate::libvirt::virsh(&["start", &self.name]).expect_code(0, "virsh start");
+        let ping = r#"{"execute":"guest-ping"}"#;
+        loop {
+            let out = crate::libvirt::virsh_with_limit(
+                &["qemu-agent-command", &self.name, "--timeout", "5", ping],
+                Duration::from_secs(20),
+            );
+            if out.code == Some(0) {
+                break;
+            }
+            let state = self.state();
+            assert!(
+                state == "running" && t0.elapsed() < limit,
+                "domain {} ({state}): vssd did not answer within {limit:?} (last: {}); console:\n{}",
+                self.name,
+                out.stderr.trim(),
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let (_, st) = self.shell("systemctl is-system-running --wait", Duration::from_secs(240));
+        assert_eq!(st.trim(), "running", "the guest's boot under libvirt ended {}", st.trim());
+        t0.elapsed()
+    }
+
+    /// A command in the guest's test shell (as [`SysVm::shell`]).
+    pub fn shell(&self, cmd: &str, limit: Duration) -> (i32, String) {
+        crate::vm::shell_at(&self.dir.join("shell.sock"), cmd, limit).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A guest command that must succeed; its output.
+    pub fn sh(&self, cmd: &str) -> String {
+        let (code, out) = self.shell(cmd, Duration::from_secs(120));
+        assert_eq!(code, 0, "guest command `{cmd}` failed ({code}):\n{out}");
+        out
+    }
+
+    /// `virsh domstate`.
+    pub fn state(&self) -> String {
+        crate::libvirt::virsh(&["domstate", &self.name]).stdout.trim().to_string()
+    }
+
+    /// The guest's serial console so far.
+    pub fn console(&self) -> String {
+        fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for SysDomain<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- guest console ({}):\n{}--- end of console", self.name, self.console());
+            if let Ok((_, log)) = crate::vm::shell_at(
+                &self.dir.join("shell.sock"),
+                "journalctl -b --no-pager -n 60 -u vssd",
+                Duration::from_secs(10),
+            ) {
+                eprintln!("--- vssd's journal:\n{log}--- end of journal");
+            }
+        }
+        if self.state() != "shut off" {
+            let out = crate::libvirt::virsh(&["destroy", &self.name]);
+            if out.code != Some(0) {
+                eprintln!("!!! virsh destroy {}: {}", self.name, out.stderr.trim());
+            }
+        }
+        let out = crate::libvirt::virsh(&["undefine", &self.name]);
+        if out.code != Some(0) {
+            eprintln!("!!! virsh undefine {}: {}", self.name, out.stderr.trim());
+        }
+        let _ = fs::remove_file(format!("/var/log/libvirt/qemu/{}.log", self.name));
+        if std::env::var_os("VSSD_VM_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("[sysguest] kept {}", self.dir.display());
+        }
+    }
 }

@@ -412,46 +412,7 @@ impl TestVm {
 
     /// [`TestVm::shell`] that reports instead of panicking (for Drop).
     pub fn try_shell(&self, cmd: &str, limit: Duration) -> Result<(i32, String), String> {
-        let path = self.dir().join("port-org.vssd.shell.0.sock");
-        let deadline = Instant::now() + limit;
-        let mut s = loop {
-            match UnixStream::connect(&path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                Err(e) => return Err(format!("cannot reach the guest shell at {}: {e}", path.display())),
-            }
-        };
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let marker = format!("__vmt_done_{}_", SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let script = format!("{{ {cmd}\n}} </dev/null 2>&1; echo \"{marker}$?\"\n");
-        s.write_all(script.as_bytes()).map_err(|e| format!("send to the guest shell: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => {
-                    return Err(format!("the guest shell closed; output so far:\n{}", String::from_utf8_lossy(&out)))
-                }
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) => return Err(format!("reading the guest shell: {e}")),
-            }
-            let text = String::from_utf8_lossy(&out);
-            if let Some(i) = text.find(&marker) {
-                let rest = &text[i + marker.len()..];
-                if let Some(end) = rest.find('\n') {
-                    let code = rest[..end].trim().parse().unwrap_or(-1);
-                    return Ok((code, text[..i].to_string()));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!("guest command `{cmd}` did not finish within {limit:?}; output so far:\n{text}"));
-            }
-        }
+        shell_at(&self.dir().join("port-org.vssd.shell.0.sock"), cmd, limit)
     }
 
     /// Runs a guest command that must succeed; returns its output.
@@ -620,4 +581,45 @@ pub fn stray_qemus() -> Vec<String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     out.unwrap_or_default().lines().filter(|l| l.contains("/tmp/vssd-vm-")).map(String::from).collect()
+}
+
+/// Runs `cmd` through a guest's test shell whose port is the host socket `path` (the protocol
+/// of [`TestVm::shell`]: the command, then an `echo` of a unique marker and its exit code;
+/// the output up to the marker is the command's). Waits up to `limit` for the socket and the
+/// command; returns (exit code, output) or why it could not.
+pub fn shell_at(path: &Path, cmd: &str, limit: Duration) -> Result<(i32, String), String> {
+    let deadline = Instant::now() + limit;
+    let mut s = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(format!("cannot reach the guest shell at {}: {e}", path.display())),
+        }
+    };
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let marker = format!("__vmt_done_{}_", SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let script = format!("{{ {cmd}\n}} </dev/null 2>&1; echo \"{marker}$?\"\n");
+    s.write_all(script.as_bytes()).map_err(|e| format!("send to the guest shell: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Err(format!("the guest shell closed; output so far:\n{}", String::from_utf8_lossy(&out))),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(format!("reading the guest shell: {e}")),
+        }
+        let text = String::from_utf8_lossy(&out);
+        if let Some(i) = text.find(&marker) {
+            let rest = &text[i + marker.len()..];
+            if let Some(end) = rest.find('\n') {
+                let code = rest[..end].trim().parse().unwrap_or(-1);
+                return Ok((code, text[..i].to_string()));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("guest command `{cmd}` did not finish within {limit:?}; output so far:\n{text}"));
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The Debian packages `packaging/build-debs.sh` makes: what each one installs (`dpkg-deb -c`),
-//! its control data (`dpkg-deb -I`), that a C program builds with the pkg-config file of
-//! libappvss-dev, that `lintian` finds no error in any of them, and that the upgrade's wait
+//! its control data (`dpkg-deb -I`), that a C program builds with the pkg-config files of
+//! libappvss-dev against the shared library of libappvss0 (its SONAME, shlibs and ldconfig
+//! trigger) and against the static one, that `lintian` finds no error in any of them, and that the upgrade's wait
 //! (`vssd-wait-thawed`, run by the maintainer scripts) holds a restart until vssd has thawed.
 //!
 //! Nothing here installs a package: its postinst would start an agent on this machine.
@@ -210,9 +211,14 @@ fn vssd_package_installs_the_agent_its_units_rules_and_man_pages() {
     }
 }
 
+/// `readelf -d`'s dynamic section of an ELF file.
+fn dynamic(elf: &Path) -> String {
+    run("readelf", &[OsStr::new("-d"), elf.as_os_str()])
+}
+
 #[test]
 #[ignore = "root tier: needs root; tests/run-all.sh runs it"]
-fn libappvss_dev_builds_a_c_program_through_pkg_config() {
+fn libappvss_dev_builds_a_c_program_through_pkg_config_shared_and_static() {
     require_root!();
     let d = deb("libappvss-dev");
     let files = contents(d);
@@ -222,50 +228,98 @@ fn libappvss_dev_builds_a_c_program_through_pkg_config() {
         .unwrap_or_else(|| panic!("{} has no /usr/lib/<tuple>/libappvss.a: {files:?}", d.display()));
     let r = "-rw-r--r--";
     let pc = format!("/usr/lib/{tuple}/pkgconfig/appvss.pc");
+    let pc_static = format!("/usr/lib/{tuple}/pkgconfig/appvss-static.pc");
+    let so_link = format!("/usr/lib/{tuple}/libappvss.so");
     assert_ships(
         &files,
         d,
-        &[("/usr/include/appvss.h", r), (pc.as_str(), r), ("/usr/share/doc/libappvss-dev/copyright", r)],
+        &[
+            ("/usr/include/appvss.h", r),
+            (pc.as_str(), r),
+            (pc_static.as_str(), r),
+            ("/usr/share/doc/libappvss-dev/copyright", r),
+        ],
+    );
+    assert!(
+        files.get(&so_link).is_some_and(|m| m.starts_with('l')),
+        "{} has no symlink {so_link}: {files:?}",
+        d.display()
     );
     assert_eq!(field(d, "Section"), "libdevel");
     assert_eq!(field(d, "Multi-Arch"), "same");
+    let version = field(d, "Version");
+    assert!(
+        field(d, "Depends").contains(&format!("libappvss0 (= {version})")),
+        "libappvss-dev must depend on its exact libappvss0: Depends: {}",
+        field(d, "Depends")
+    );
+
+    // libappvss0: the shared library under its SONAME, its shlibs file and ldconfig trigger.
+    let l = deb("libappvss0");
+    let lib_files = contents(l);
+    let so = format!("/usr/lib/{tuple}/libappvss.so.0");
+    assert_ships(&lib_files, l, &[(so.as_str(), r), ("/usr/share/doc/libappvss0/copyright", r)]);
+    assert_eq!(field(l, "Section"), "libs");
+    assert_eq!(field(l, "Multi-Arch"), "same");
+    assert_eq!(field(l, "Version"), version);
+    assert!(field(l, "Depends").contains("libc6"), "Depends: {}", field(l, "Depends"));
+    assert!(control_file(l, "shlibs").lines().any(|x| x.starts_with("libappvss 0 libappvss0")));
+    assert!(control_file(l, "triggers").contains("activate-noawait ldconfig"));
+
+    // Both packages in one tree, as installed; pkg-config reads the packaged files (the
+    // sysroot standing in for /).
+    let t = extract(d);
+    run("dpkg-deb", &[OsStr::new("-x"), l.as_os_str(), t.path().as_os_str()]);
     assert_eq!(
-        std::fs::read(extract(d).path().join("usr/include/appvss.h")).unwrap(),
+        std::fs::read(t.path().join("usr/include/appvss.h")).unwrap(),
         std::fs::read(workspace().join("appvss/include/appvss.h")).unwrap(),
         "the packaged header is not appvss/include/appvss.h"
     );
-
-    // pkg-config reads the packaged file (the sysroot standing in for /), and its flags build
-    // and link the C example against the packaged header and library.
-    let t = extract(d);
-    let mut cmd = Command::new("pkg-config");
-    cmd.args(["--cflags", "--libs", "appvss"])
-        .env("PKG_CONFIG_PATH", t.path().join(format!("usr/lib/{tuple}/pkgconfig")))
-        .env("PKG_CONFIG_SYSROOT_DIR", t.path());
-    let o = run_with_limit(cmd, Duration::from_secs(30));
-    o.expect_code(0, "pkg-config --cflags --libs appvss");
-    let flags: Vec<&str> = o.stdout.split_whitespace().collect();
-    assert!(flags.contains(&"-lappvss"), "pkg-config: {}", o.stdout);
-    let include = format!("-I{}", t.path().join("usr/include").display());
-    assert!(flags.contains(&include.as_str()), "pkg-config gave no {include}: {}", o.stdout);
-    assert_eq!(
-        run(
-            "pkg-config",
-            &[
-                "--modversion",
-                "--with-path",
-                t.path().join(format!("usr/lib/{tuple}/pkgconfig")).to_str().unwrap(),
-                "appvss"
-            ]
-        )
-        .trim(),
-        env!("CARGO_PKG_VERSION")
+    let libdir = t.path().join(format!("usr/lib/{tuple}"));
+    assert!(
+        dynamic(&libdir.join("libappvss.so.0")).contains("Library soname: [libappvss.so.0]"),
+        "libappvss.so.0 has no SONAME libappvss.so.0:\n{}",
+        dynamic(&libdir.join("libappvss.so.0"))
     );
-    let exe = t.path().join("hold");
-    let mut cc = Command::new("cc");
-    cc.arg("-o").arg(&exe).arg(workspace().join("appvss/examples/c/hold.c")).args(&flags);
-    run_with_limit(cc, Duration::from_secs(120)).expect_code(0, "cc hold.c $(pkg-config --cflags --libs appvss)");
-    assert!(exe.is_file());
+    assert!(libdir.join("libappvss.so").exists(), "the -dev symlink libappvss.so points nowhere");
+    let pkg_config = |name: &str, what: &str| {
+        let mut cmd = Command::new("pkg-config");
+        cmd.arg(what)
+            .arg(name)
+            .env("PKG_CONFIG_PATH", libdir.join("pkgconfig"))
+            .env("PKG_CONFIG_SYSROOT_DIR", t.path());
+        let o = run_with_limit(cmd, Duration::from_secs(30));
+        o.expect_code(0, &format!("pkg-config {what} {name}"));
+        o.stdout
+    };
+    for name in ["appvss", "appvss-static"] {
+        assert_eq!(pkg_config(name, "--modversion").trim(), env!("CARGO_PKG_VERSION"));
+    }
+    let include = format!("-I{}", t.path().join("usr/include").display());
+    let build = |name: &str| {
+        let flags = format!("{} {}", pkg_config(name, "--cflags"), pkg_config(name, "--libs"));
+        let flags: Vec<String> = flags.split_whitespace().map(String::from).collect();
+        assert!(flags.contains(&include), "pkg-config {name} gave no {include}: {flags:?}");
+        let exe = t.path().join(format!("hold-{name}"));
+        let mut cc = Command::new("cc");
+        cc.arg("-o").arg(&exe).arg(workspace().join("appvss/examples/c/hold.c")).args(&flags);
+        run_with_limit(cc, Duration::from_secs(120))
+            .expect_code(0, &format!("cc hold.c $(pkg-config --cflags --libs {name})"));
+        (exe, flags)
+    };
+    // Shared: the program needs libappvss.so.0, which the loader finds in the package's tree.
+    let (exe, flags) = build("appvss");
+    assert!(flags.iter().any(|f| f == "-lappvss"), "{flags:?}");
+    assert!(dynamic(&exe).contains("Shared library: [libappvss.so.0]"), "{}", dynamic(&exe));
+    let mut ldd = Command::new("ldd");
+    ldd.arg(&exe).env("LD_LIBRARY_PATH", &libdir);
+    let o = run_with_limit(ldd, Duration::from_secs(30));
+    o.expect_code(0, "ldd hold-appvss");
+    let line = o.stdout.lines().find(|l| l.contains("libappvss.so.0")).unwrap_or_default().to_string();
+    assert!(line.contains(&*libdir.to_string_lossy()), "ldd: libappvss.so.0 is not the package's: {}", o.stdout);
+    // Static: nothing of appvss is loaded at run time.
+    let (exe, _) = build("appvss-static");
+    assert!(!dynamic(&exe).contains("libappvss"), "the static build needs libappvss at run time:\n{}", dynamic(&exe));
 }
 
 #[test]
@@ -295,7 +349,7 @@ fn vmctl_package_installs_vmctl_and_its_man_page() {
 fn lintian_finds_no_errors_in_the_packages() {
     require_root!();
     let paths: Vec<&Path> = debs().values().map(PathBuf::as_path).collect();
-    assert_eq!(paths.len(), 3, "{:?}", debs());
+    assert_eq!(paths.len(), 4, "{:?}", debs());
     let mut cmd = Command::new("lintian");
     cmd.args(["--tag-display-limit", "0"]).args(&paths);
     let o = run_with_limit(cmd, Duration::from_secs(600));
