@@ -271,7 +271,11 @@ fn direct_thaw(scope: &Path, state_dir: &Path) -> Value {
             Err(e) => errors.push(json!({"mountpoint": t.display().to_string(), "error": e.to_string()})),
         }
     }
-    let _ = std::fs::remove_file(state_dir.join("frozen.json"));
+    // A filesystem that did not thaw stays recorded: the next vssd start (or the next
+    // `thaw --all`) retries it, as vssd does with a failed FITHAW.
+    if errors.is_empty() {
+        let _ = std::fs::remove_file(state_dir.join("frozen.json"));
+    }
     json!({"thawed": thawed, "errors": errors})
 }
 
