@@ -153,6 +153,12 @@ impl Apps {
         Ok(())
     }
 
+    /// Serves one app connection that did not come through the socket (tests and fuzzing
+    /// hand over one end of a socket pair); spawned on the current runtime.
+    pub fn serve_connection(self: &Arc<Self>, s: UnixStream) {
+        tokio::spawn(self.clone().serve(s));
+    }
+
     async fn serve(self: Arc<Self>, s: UnixStream) {
         let cred = s.peer_cred().ok();
         let uid = cred.map(|c| c.uid()).unwrap_or(u32::MAX);
