@@ -19,8 +19,11 @@ mod kmod;
 mod qga;
 mod session;
 
+/// A target's body: the fuzzer's bytes in, a panic when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its fuzz binary and corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("qga_stream", qga::stream),
     ("qga_command", qga::command),
     ("qga_client", qga::client),
