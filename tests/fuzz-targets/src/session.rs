@@ -64,6 +64,8 @@ struct ScriptedApps {
     prepare: Mutex<Answer>,
     freeze: Mutex<Answer>,
     seen: Seen,
+    /// Apps that answered `disconnected`: gone, so owed no THAW.
+    left: Mutex<HashSet<u64>>,
 }
 
 impl ScriptedApps {
@@ -80,6 +82,12 @@ impl ScriptedApps {
         };
         ids.iter().map(|&id| report(id)).collect()
     }
+    fn answer(&self, ids: &[u64], a: Answer) -> PhaseResult {
+        if a == Answer::Disconnected {
+            self.left.lock().unwrap().extend(ids);
+        }
+        self.reports(ids, a)
+    }
     fn log(&self, ids: &[u64], kind: &'static str, fid: u64) {
         let mut s = self.seen.lock().unwrap();
         for id in ids {
@@ -95,12 +103,12 @@ impl AppCoordinator for ScriptedApps {
     fn prepare(&self, fid: u64, _: Duration) -> BoxFuture<'_, PhaseResult> {
         self.log(&self.ids, "prepare", fid);
         let a = *self.prepare.lock().unwrap();
-        Box::pin(async move { self.reports(&self.ids, a) })
+        Box::pin(async move { self.answer(&self.ids, a) })
     }
     fn freeze<'a>(&'a self, apps: &'a [u64], fid: u64, _: Duration, _: Duration) -> BoxFuture<'a, PhaseResult> {
         self.log(apps, "freeze", fid);
         let a = *self.freeze.lock().unwrap();
-        Box::pin(async move { self.reports(apps, a) })
+        Box::pin(async move { self.answer(apps, a) })
     }
     fn thaw(&self, apps: &[u64], fid: u64, _: ThawReason) {
         self.log(apps, "thaw", fid);
@@ -304,11 +312,11 @@ pub fn qga_session(data: &[u8]) {
             prepare: Mutex::new(Answer::Ready),
             freeze: Mutex::new(Answer::Held),
             seen: seen.clone(),
+            left: Mutex::default(),
         });
         let mut rig = Rig::new(Some(apps.clone()));
         let mut splitter = Splitter::new(4096);
         let mut rest = data;
-        let none = HashSet::new();
         while let Some((&op, tail)) = rest.split_first() {
             rest = tail;
             let mut name = step(&mut rig, &mut splitter, op, &mut rest).await;
@@ -320,11 +328,13 @@ pub fn qga_session(data: &[u8]) {
                 name = "apps answer otherwise";
             }
             rig.check(name);
-            check_thaws(&seen, &none, rig.agent.state_view().state == "thawed", name);
+            let left = apps.left.lock().unwrap().clone();
+            check_thaws(&seen, &left, rig.agent.state_view().state == "thawed", name);
         }
         rig.request(serde_json::json!({"execute": "guest-fsfreeze-thaw"})).await;
         rig.check("the last thaw");
-        check_thaws(&seen, &none, true, "the last thaw");
+        let left = apps.left.lock().unwrap().clone();
+        check_thaws(&seen, &left, true, "the last thaw");
         let _ = rig.replies;
     });
 }
