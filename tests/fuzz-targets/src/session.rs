@@ -281,8 +281,11 @@ async fn step(rig: &mut Rig, splitter: &mut Splitter, op: u8, data: &mut &[u8]) 
             let raw = &data[1.min(data.len())..1.min(data.len()) + n];
             *data = &data[(1 + n).min(data.len())..];
             for ev in splitter.feed(raw) {
-                if let Event::Message(m) = ev {
+                if let Event::Message(mut m) = ev {
                     if allowed(&m) {
+                        // Ended, as it was in the raw stream: a top-level scalar ends only at
+                        // what follows it, which is not forwarded.
+                        m.push(b'\n');
                         rig.send(&m).await;
                     }
                 }
