@@ -148,6 +148,18 @@ begin unit-tests
 cargo_test unit --workspace --locked
 end
 
+# Fuzzing, bounded (the corpus replay, tests/tests/fuzz_corpus.rs, ran in unit-tests either
+# way): each target for 18 s, with nightly and cargo-fuzz; says so when they are missing.
+begin fuzz
+fuzz_rc=0
+bash tests/fuzz.sh --seconds 18 || fuzz_rc=$?
+case $fuzz_rc in
+  0) ;;
+  3) echo "(fuzzing skipped: no nightly; the corpus replay ran in unit-tests)" ;;
+  *) exit "$fuzz_rc" ;;
+esac
+end
+
 begin root-tier
 cargo_test root-tier --workspace --locked "${root_tests[@]}" -- --include-ignored
 no_ignored_in root-tier

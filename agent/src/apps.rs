@@ -12,7 +12,9 @@
 //!   `disconnected` at once.
 //! - Every app that got PREPARE for a freeze gets exactly one THAW for it.
 //! - A misbehaving app gets a specific error; only a bad hello (also a second one), an
-//!   unsupported version or a registration over the uid cap close its connection. After the
+//!   unsupported version, a registration over the uid cap, a line that goes on past
+//!   [`FLOOD_LIMIT`] beyond the line limit, or a line begun and left unended for
+//!   [`LINE_TIMEOUT`] (10 to 20 s) close its connection. After the
 //!   hello, messages are `AppAnswer`s, which have no hello: nothing an app sends can panic.
 //! - The wire format, the name rules and the line limit are appvss-proto's, the same code the
 //!   client library uses. What an app can make vssd log is rate-limited (`ratelimit`).
@@ -151,12 +153,18 @@ impl Apps {
         Ok(())
     }
 
+    /// Serves one app connection that did not come through the socket (tests and fuzzing
+    /// hand over one end of a socket pair); spawned on the current runtime.
+    pub fn serve_connection(self: &Arc<Self>, s: UnixStream) {
+        tokio::spawn(self.clone().serve(s));
+    }
+
     async fn serve(self: Arc<Self>, s: UnixStream) {
         let cred = s.peer_cred().ok();
         let uid = cred.map(|c| c.uid()).unwrap_or(u32::MAX);
         let pid = cred.and_then(|c| c.pid());
         let (rd, mut wr) = s.into_split();
-        let mut lines = LineReader::new(rd, proto::MAX_MESSAGE_BYTES);
+        let mut lines = LineReader::new(rd, proto::MAX_MESSAGE_BYTES).with_flood_limit(FLOOD_LIMIT);
         // The hello, within a bound, so a silent connection does not hold a slot forever.
         let hello = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut lines)).await.unwrap_or_else(|_| {
             let message = format!("no hello within {} s", HELLO_TIMEOUT.as_secs());
@@ -206,8 +214,31 @@ impl Apps {
             crate::warn_limited!(app_id, name = %name, code = proto::code_name(code), %message, "app sent a bad message");
             let _ = tx.send(AgentMessage::Error { re, code, message, fatal });
         };
+        // Since when the line now waiting to be ended was begun (None: none is).
+        let mut partial_since: Option<tokio::time::Instant> = None;
         loop {
-            match lines.next_message::<AppMessage>().await {
+            // An app that begins a line and never ends it holds its registration (and makes
+            // every freeze wait for its answers) while looking alive: cut it off. The reader is
+            // cancel-safe, so waking up to look loses nothing.
+            let now = tokio::time::Instant::now();
+            let wake = partial_since.map_or(now + LINE_TIMEOUT, |t| t + LINE_TIMEOUT);
+            let got = tokio::select! {
+                got = lines.next_message::<AppMessage>() => got,
+                _ = tokio::time::sleep_until(wake) => {
+                    match partial_since {
+                        Some(t) if lines.has_partial() && t.elapsed() >= LINE_TIMEOUT => {
+                            let m = format!("a line was begun and not ended within {} s", LINE_TIMEOUT.as_secs());
+                            complain(None, ErrorCode::BadMessage, m, true);
+                            break;
+                        }
+                        _ => partial_since = lines.has_partial().then_some(now),
+                    }
+                    continue;
+                }
+            };
+            // A message ended: what is left in the buffer is a line begun just now.
+            partial_since = lines.has_partial().then(tokio::time::Instant::now);
+            match got {
                 Ok(None) | Err(FrameError::Io(_)) => break,
                 Ok(Some(m)) => match m.into_answer() {
                     Ok(a) => self.answer(app_id, a, &tx),
@@ -217,6 +248,11 @@ impl Apps {
                         break;
                     }
                 },
+                Err(FrameError::TooLarge { max }) if lines.kept_streaming() => {
+                    let m = format!("a line went on past {FLOOD_LIMIT} bytes beyond the limit of {max} bytes");
+                    complain(None, ErrorCode::TooLarge, m, true);
+                    break;
+                }
                 Err(FrameError::TooLarge { max }) => complain(
                     None,
                     ErrorCode::TooLarge,
@@ -400,6 +436,13 @@ impl Apps {
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a registered app may take to end a line it has begun.
+const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How far an oversized line may go on past the limit (it is dropped, with one `too-large`)
+/// before the app is disconnected as one that streams rather than sends lines.
+const FLOOD_LIMIT: usize = 4 * proto::MAX_MESSAGE_BYTES;
+
 type Lines = LineReader<tokio::net::unix::OwnedReadHalf>;
 
 /// Why a connection is not registered: sent as a fatal error, then the connection closes.
@@ -576,6 +619,87 @@ mod tests {
         assert!(message.contains("dance") && message.ends_with("; ignored"), "{message}");
         p.send(b"{\"type\":\"held\",\"re\":9}\n").await;
         assert_eq!(error(p.recv().await).0, ErrorCode::UnexpectedReply);
+        assert_eq!(apps.count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_line_gets_too_large_before_its_newline_and_the_app_stays() {
+        let apps = apps();
+        let mut p = Peer::connect(&apps);
+        p.hello("db").await;
+        // 1 MiB would be flooding; just over the limit, and no newline (yet).
+        p.send(&vec![b'x'; proto::MAX_MESSAGE_BYTES + 10]).await;
+        let (code, fatal, _) = error(p.recv().await);
+        assert_eq!((code, fatal), (ErrorCode::TooLarge, false));
+        p.send(b"\n{\"type\":\"held\",\"re\":9}\n").await;
+        assert_eq!(error(p.recv().await).0, ErrorCode::UnexpectedReply, "the next line is read");
+        assert_eq!(apps.count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_app_that_keeps_streaming_one_line_is_disconnected() {
+        let apps = apps();
+        let mut p = Peer::connect(&apps);
+        p.hello("db").await;
+        let (ours, theirs) = (p.wr, p.rd);
+        // Write in the background: vssd stops reading once it gives up on the app.
+        let writer = tokio::spawn(async move {
+            let mut wr = ours;
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..16 {
+                if wr.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p2 = Peer { rd: theirs, wr: UnixStream::pair().unwrap().0.into_split().1 };
+        let limit = proto::MAX_MESSAGE_BYTES;
+        let first = (ErrorCode::TooLarge, false, format!("message over the limit of {limit} bytes; ignored"));
+        assert_eq!(error(p2.recv().await), first);
+        let (code, fatal, message) = error(p2.recv().await);
+        assert_eq!((code, fatal), (ErrorCode::TooLarge, true), "{message}");
+        // Closed: the end of the stream, or a reset, as vssd closes with the flood unread.
+        let mut rest = String::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), p2.rd.read_line(&mut rest)).await.unwrap();
+        assert!(matches!(end, Ok(0)) || end.is_err(), "closed after the fatal error: {end:?} {rest:?}");
+        let _ = writer.await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(apps.count(), 0, "the registration is gone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_line_left_idle_loses_the_registration() {
+        let apps = apps();
+        let mut p = Peer::connect(&apps);
+        p.hello("db").await;
+        let start = tokio::time::Instant::now();
+        p.send(b"{\"type\":\"hel").await;
+        let mut line = String::new();
+        // The paused clock runs ahead to vssd's timer; 60 s is a bound, not a wait.
+        tokio::time::timeout(Duration::from_secs(60), p.rd.read_line(&mut line)).await.unwrap().unwrap();
+        let took = start.elapsed();
+        let (code, fatal, message) = error(serde_json::from_str(&line).ok());
+        assert_eq!((code, fatal), (ErrorCode::BadMessage, true), "{message}");
+        assert!(message.contains("not ended within 10 s"), "{message}");
+        assert!(took >= LINE_TIMEOUT && took <= 2 * LINE_TIMEOUT, "{took:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(apps.count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_app_between_lines_stays_registered() {
+        let apps = apps();
+        let mut p = Peer::connect(&apps);
+        p.hello("db").await;
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(apps.count(), 1);
+        // And a line that is slow but ends in time is read.
+        p.send(b"{\"type\":\"held\",").await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        p.send(b"\"re\":9}\n").await;
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(60), p.rd.read_line(&mut line)).await.unwrap().unwrap();
+        assert_eq!(error(serde_json::from_str(&line).ok()).0, ErrorCode::UnexpectedReply);
         assert_eq!(apps.count(), 1);
     }
 

@@ -9,6 +9,10 @@
 //!   newline finally comes), and the rest of it is discarded unread into the buffer. The
 //!   reader stays usable: the next line after it is read normally.
 //! - A line is bytes: UTF-8 and JSON are checked by [`LineReader::next_message`].
+//! - A server can refuse a peer that keeps streaming: with [`LineReader::with_flood_limit`],
+//!   an oversized line that goes on for more than that many further bytes is reported once
+//!   more, and [`LineReader::kept_streaming`] says why; and [`LineReader::has_partial`] lets it
+//!   time out a line that was begun and never finished.
 
 use std::io;
 
@@ -44,12 +48,49 @@ pub struct LineReader<R> {
     max: usize,
     /// In the middle of a line already reported too large: drop bytes up to its newline.
     discarding: bool,
+    /// Bytes of the current oversized line dropped since it was reported.
+    discarded: usize,
+    /// Report an oversized line again once this many more of its bytes were dropped.
+    flood_limit: Option<usize>,
+    /// The current oversized line went past `flood_limit`.
+    flooded: bool,
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
     /// A reader of lines of at most `max` bytes, newline included (at least 1).
     pub fn new(inner: R, max: usize) -> Self {
-        LineReader { inner, buf: Vec::with_capacity(4096), scanned: 0, max: max.max(1), discarding: false }
+        LineReader {
+            inner,
+            buf: Vec::with_capacity(4096),
+            scanned: 0,
+            max: max.max(1),
+            discarding: false,
+            discarded: 0,
+            flood_limit: None,
+            flooded: false,
+        }
+    }
+
+    /// The same reader, but an oversized line that goes on for more than `limit` bytes after
+    /// it was reported [`FrameError::TooLarge`] is reported `TooLarge` a second time, with
+    /// [`kept_streaming`](Self::kept_streaming) true: a peer that does that is not sending
+    /// lines, and a server should disconnect it. Without a limit such a line is dropped
+    /// silently to its end, however long.
+    pub fn with_flood_limit(mut self, limit: usize) -> Self {
+        self.flood_limit = Some(limit);
+        self
+    }
+
+    /// The last [`FrameError::TooLarge`] was the second one of a line that went past the flood
+    /// limit. Reset when a line ends.
+    pub fn kept_streaming(&self) -> bool {
+        self.flooded
+    }
+
+    /// Bytes of an unfinished line are waiting (or an oversized line is still being dropped):
+    /// the peer began a line and has not ended it.
+    pub fn has_partial(&self) -> bool {
+        self.discarding || !self.buf.is_empty()
     }
 
     /// The next line without its newline; `Ok(None)` at the end of the stream (a partial line
@@ -61,8 +102,18 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                     Some(pos) => {
                         self.buf.drain(..=pos);
                         self.discarding = false;
+                        self.flooded = false;
+                        self.discarded = 0;
                     }
-                    None => self.buf.clear(),
+                    None => {
+                        self.discarded = self.discarded.saturating_add(self.buf.len());
+                        self.buf.clear();
+                        if !self.flooded && self.flood_limit.is_some_and(|l| self.discarded > l) {
+                            self.flooded = true;
+                            self.scanned = 0;
+                            return Err(FrameError::TooLarge { max: self.max });
+                        }
+                    }
                 }
                 self.scanned = 0;
             }
@@ -84,6 +135,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                     self.buf.clear();
                     self.scanned = 0;
                     self.discarding = true;
+                    self.discarded = 0;
                     return Err(FrameError::TooLarge { max: self.max });
                 }
             }
@@ -214,6 +266,36 @@ mod tests {
         assert!(matches!(&e, FrameError::Decode(d) if d.excerpt() == "\u{fffd}\u{fffd}"), "{e:?}");
         assert!(matches!(r.next_message::<AppMessage>().await, Err(FrameError::Decode(_))));
         assert_eq!(r.next_message::<AppMessage>().await.unwrap(), Some(AppMessage::Thawed { re: 1 }));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_line_that_goes_on_past_the_flood_limit_is_reported_again_as_kept_streaming() {
+        let mut r = chunks(&[&[b'x'; 40], &[b'y'; 40], &[b'z'; 40], b"\nok\n"], 32).with_flood_limit(50);
+        assert!(matches!(r.next_line().await, Err(FrameError::TooLarge { max: 32 })));
+        assert!(!r.kept_streaming());
+        assert!(r.has_partial());
+        assert!(matches!(r.next_line().await, Err(FrameError::TooLarge { max: 32 })));
+        assert!(r.kept_streaming());
+        // The line still ends and the reader goes on (the server chooses to disconnect).
+        assert_eq!(r.next_line().await.unwrap().unwrap(), b"ok");
+        assert!(!r.kept_streaming());
+        assert!(!r.has_partial());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_a_flood_limit_a_long_line_is_one_error() {
+        let mut r = chunks(&[&[b'x'; 40], &[b'y'; 4000], b"\nok\n"], 32);
+        assert!(matches!(r.next_line().await, Err(FrameError::TooLarge { max: 32 })));
+        assert_eq!(r.next_line().await.unwrap().unwrap(), b"ok");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn has_partial_says_a_line_was_begun_and_not_ended() {
+        let mut r = chunks(&[b"{}\n{\"ha"], 64);
+        assert!(!r.has_partial());
+        assert_eq!(r.next_line().await.unwrap().unwrap(), b"{}");
+        // The rest of the read is buffered: a begun line.
+        assert!(r.has_partial());
     }
 
     #[tokio::test(flavor = "current_thread")]
