@@ -71,3 +71,10 @@ if ! cargo deb --version 2>/dev/null | grep -q '^3\.8\.'; then
   echo "setup.sh: installing cargo-deb 3.8 (cargo install cargo-deb --locked)"
   cargo install cargo-deb --locked --version '~3.8' --quiet
 fi
+
+# cargo-fuzz for the bounded fuzz step (tests/fuzz.sh), only where nightly Rust is installed:
+# without nightly, fuzz.sh says it skipped and the corpus replay still runs on stable.
+if cargo +nightly --version >/dev/null 2>&1 && ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  echo "setup.sh: installing cargo-fuzz (cargo install cargo-fuzz --locked)"
+  cargo install cargo-fuzz --locked --quiet
+fi
