@@ -210,6 +210,7 @@ fn kernel_sequence(vm: &TestVm, host: &mut Client, d: Daemon, who: &str) {
     assert_eq!(answer(host, "thaw").error, HV_S_OK);
     assert_thawed(vm, &format!("{who} at the end"));
     d.stop(vm);
+    eprintln!("[hv] {who}'s log (tail):\n{}", vm.sh(&format!("tail -n 40 {}", d.log)));
 }
 
 #[test]
@@ -298,3 +299,58 @@ fn vssd_answers_freeze_faster_than_hv_vss_daemon() {
     assert!(mv < md, "vssd's FREEZE ({mv:.1} ms) is not faster than hv_vss_daemon's ({md:.1} ms)");
 }
 
+
+#[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
+fn a_backup_frozen_through_the_hyperv_path_verifies_clean_with_every_acked_record() {
+    require_vm!();
+    let (vm, mut host) = boot("hvbackup");
+    VSSD.start(&vm);
+    wait_registered(&vm, &mut host, "vssd");
+    vm.wait_acks("logs", 50, Duration::from_secs(60));
+    if vm.last_acks().contains_key("sqlite") {
+        vm.wait_acks("sqlite", 20, Duration::from_secs(60));
+    }
+    let before = vm.last_acks();
+
+    // The host freezes through the device, takes the point-in-time copy (vmctl's QMP
+    // transaction of blockdev-backup, without asking a QGA agent), thaws through the device.
+    let a = answer(&mut host, "freeze");
+    assert_eq!(a.error, HV_S_OK, "FREEZE through the Hyper-V path");
+    let t = Instant::now();
+    let v = vm.vmctl_json(&["backup", &vm.name, "--quiesce", "off", "--verify"], 0);
+    let window = t.elapsed();
+    let a = answer(&mut host, "thaw");
+    assert_eq!(a.error, HV_S_OK, "THAW through the Hyper-V path");
+    eprintln!("[hv] backup while frozen through /dev/vmbus/hv_vss: {:.1} s frozen; {v}", window.as_secs_f64());
+    assert_eq!(v["verify"]["ok"], true, "verify (checksums, qemu-img check, fsck -n): {v}");
+    assert_thawed(&vm, "after the backup's THAW");
+
+    let dir = std::path::PathBuf::from(v["dir"].as_str().unwrap_or_else(|| panic!("no dir in {v}")));
+    let mut found = std::collections::BTreeMap::new();
+    for disk in ["data", "data2"] {
+        let mut img = hostsim::inspect::RawImage::open(&dir.join(format!("{disk}.qcow2"))).expect("open the backup");
+        for (p, mnt) in img.mount_all().expect("mount the backup's filesystems") {
+            let label = p.label.to_lowercase();
+            let rec = mnt.join("records.log");
+            if rec.exists() {
+                found.insert(label.clone(), tests::vm::check_records(&rec));
+            }
+            let db = mnt.join("app.db");
+            if db.exists() {
+                assert_eq!(tests::vm::sqlite(&db, "PRAGMA integrity_check"), "ok", "SQLite integrity_check of the backup");
+                let r = tests::vm::sqlite(&db, "SELECT coalesce(max(n),0) || ' ' || count(*) FROM records");
+                let (max, count) = r.split_once(' ').unwrap();
+                let (max, count): (u64, u64) = (max.parse().unwrap(), count.parse().unwrap());
+                assert_eq!(max, count, "records 1..{max} without a hole");
+                found.insert("sqlite".into(), max);
+            }
+        }
+    }
+    for (w, n) in &before {
+        let got = found.get(w).copied().unwrap_or_else(|| panic!("writer {w} has nothing in the backup: {found:?}"));
+        assert!(got >= *n, "writer {w}: record {n} was acked before the FREEZE, the backup ends at {got}");
+    }
+    eprintln!("[hv] acked before the FREEZE: {before:?}; in the backup: {found:?}");
+    VSSD.stop(&vm);
+}

@@ -224,6 +224,11 @@ impl Core {
         std::mem::take(&mut self.answers)
     }
 
+    /// How many events wait for [`Core::take_events`].
+    pub fn pending_events(&self) -> usize {
+        self.events.len()
+    }
+
     /// What happened since the last call.
     pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)

@@ -116,9 +116,9 @@ impl Shared {
     fn with<R>(&self, f: impl FnOnce(&mut core::Core) -> R) -> R {
         let (r, changed) = {
             let mut c = self.lock();
-            let before = c.generation();
+            let before = (c.generation(), c.pending_events());
             let r = f(&mut c);
-            (r, c.generation() != before)
+            (r, (c.generation(), c.pending_events()) != before)
         };
         if changed {
             self.changed.notify_all();
