@@ -49,7 +49,12 @@ impl Daemon {
 fn boot(name: &str) -> (TestVm, Client) {
     let vm = TestVm::boot(name, VmOpts { agent: "none", append: "vmtest.hvemu=1".into(), ..Default::default() });
     let (code, out) = vm.shell("test -e /dev/vmbus/hv_vss && ls -l /dev/vmbus/hv_vss", Duration::from_secs(10));
-    assert_eq!(code, 0, "hv-emu made no /dev/vmbus/hv_vss (tests/guest/build.sh builds it in):\n{out}\n{}", hv_log(&vm));
+    assert_eq!(
+        code,
+        0,
+        "hv-emu made no /dev/vmbus/hv_vss (tests/guest/build.sh builds it in):\n{out}\n{}",
+        hv_log(&vm)
+    );
     let path = vm.work().join("hvhost.sock");
     {
         let mut q = vm.qmp();
@@ -218,7 +223,8 @@ fn kernel_sequence(vm: &TestVm, host: &mut Client, d: Daemon, who: &str) {
 fn stock_hv_vss_daemon_gets_the_kernels_answers_from_the_emulation() {
     require_vm!();
     let (vm, mut host) = boot("hvdaemon");
-    let (code, out) = vm.shell("test -x /usr/sbin/hv_vss_daemon && cat /etc/hyperv-daemons.deb", Duration::from_secs(10));
+    let (code, out) =
+        vm.shell("test -x /usr/sbin/hv_vss_daemon && cat /etc/hyperv-daemons.deb", Duration::from_secs(10));
     assert_eq!(code, 0, "the guest has no hv_vss_daemon (tests/guest/build.sh downloads hyperv-daemons):\n{out}");
     eprintln!("[hv] stock daemon from {}", out.trim());
 
@@ -299,7 +305,6 @@ fn vssd_answers_freeze_faster_than_hv_vss_daemon() {
     assert!(mv < md, "vssd's FREEZE ({mv:.1} ms) is not faster than hv_vss_daemon's ({md:.1} ms)");
 }
 
-
 #[test]
 #[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
 fn a_backup_frozen_through_the_hyperv_path_verifies_clean_with_every_acked_record() {
@@ -338,7 +343,11 @@ fn a_backup_frozen_through_the_hyperv_path_verifies_clean_with_every_acked_recor
             }
             let db = mnt.join("app.db");
             if db.exists() {
-                assert_eq!(tests::vm::sqlite(&db, "PRAGMA integrity_check"), "ok", "SQLite integrity_check of the backup");
+                assert_eq!(
+                    tests::vm::sqlite(&db, "PRAGMA integrity_check"),
+                    "ok",
+                    "SQLite integrity_check of the backup"
+                );
                 let r = tests::vm::sqlite(&db, "SELECT coalesce(max(n),0) || ' ' || count(*) FROM records");
                 let (max, count) = r.split_once(' ').unwrap();
                 let (max, count): (u64, u64) = (max.parse().unwrap(), count.parse().unwrap());
