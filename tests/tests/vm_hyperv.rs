@@ -312,10 +312,9 @@ fn a_backup_frozen_through_the_hyperv_path_verifies_clean_with_every_acked_recor
     let (vm, mut host) = boot("hvbackup");
     VSSD.start(&vm);
     wait_registered(&vm, &mut host, "vssd");
+    // The SQLite app writes once it has registered with vssd (it retries with backoff).
+    vm.wait_acks("sqlite", 20, Duration::from_secs(90));
     vm.wait_acks("logs", 50, Duration::from_secs(60));
-    if vm.last_acks().contains_key("sqlite") {
-        vm.wait_acks("sqlite", 20, Duration::from_secs(60));
-    }
     let before = vm.last_acks();
 
     // The host freezes through the device, takes the point-in-time copy (vmctl's QMP
