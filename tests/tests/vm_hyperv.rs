@@ -322,6 +322,9 @@ fn a_backup_frozen_through_the_hyperv_path_verifies_clean_with_every_acked_recor
     let a = answer(&mut host, "freeze");
     assert_eq!(a.error, HV_S_OK, "FREEZE through the Hyper-V path");
     let t = Instant::now();
+    // The SQLite app took part: vssd's FREEZE held it (checkpoint, write lock) like a QGA one.
+    let line = vm.sh("grep 'Hyper-V FREEZE' /run/vssd-hv.log | tail -n 1");
+    assert!(line.contains("HV_S_OK") && line.contains("apps=1"), "vssd's FREEZE did not hold the app: {line}");
     let v = vm.vmctl_json(&["backup", &vm.name, "--quiesce", "off", "--verify"], 0);
     let window = t.elapsed();
     let a = answer(&mut host, "thaw");
