@@ -252,7 +252,8 @@ impl Config {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.channels.is_empty() && !self.control_socket {
             return bad(
-                "no channels: give at least one (--channel unix:PATH|virtio-serial:NAME|vsock:PORT|hyperv[:PATH])".into(),
+                "no channels: give at least one (--channel unix:PATH|virtio-serial:NAME|vsock:PORT|hyperv[:PATH])"
+                    .into(),
             );
         }
         if !self.scope.is_absolute() {
@@ -332,7 +333,8 @@ mod tests {
 
     #[test]
     fn channel_specs_parse_and_print_back() {
-        for s in ["unix:/run/x.sock", "virtio-serial:org.qemu.guest_agent.0", "vsock:1234", "hyperv:/dev/vmbus/hv_vss"] {
+        for s in ["unix:/run/x.sock", "virtio-serial:org.qemu.guest_agent.0", "vsock:1234", "hyperv:/dev/vmbus/hv_vss"]
+        {
             assert_eq!(s.parse::<ChannelSpec>().unwrap().to_string(), s);
         }
         let err = "vsock:abc".parse::<ChannelSpec>().unwrap_err().to_string();

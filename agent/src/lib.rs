@@ -2,8 +2,9 @@
 //! registered to hold a freeze, for a consistent snapshot, on the host's request over the
 //! qemu-guest-agent protocol, and always thaws again.
 //!
-//! Code map: [`config`] (file + flags) → [`server`] (channels) → [`qga`] (protocol; the
-//! platform commands such as guest-get-osinfo or guest-shutdown in [`guest`]) →
+//! Code map: [`config`] (file + flags) → [`server`] (channels; the Hyper-V VSS device in
+//! [`hyperv`]) → [`qga`] (protocol; the platform commands such as guest-get-osinfo or
+//! guest-shutdown in [`guest`]) →
 //! [`service`] (one freeze at a time: `service/freeze.rs` the pipeline, `thaw.rs`,
 //! `timers.rs` the deadline and channel-drop grace, `report.rs`) → [`apps`] (apps that hold
 //! a freeze), [`hooks`] (fsfreeze hook scripts), [`marker`] (what a crash left frozen),
@@ -19,8 +20,8 @@ pub mod config;
 pub mod dbus;
 pub mod engine;
 pub mod guest;
-pub mod hyperv;
 pub mod hooks;
+pub mod hyperv;
 pub mod marker;
 pub mod plan;
 pub mod qga;

@@ -385,6 +385,8 @@ async fn run(cfg: Config) -> ExitCode {
         0 => "stopping".to_string(),
         n => format!("stopping: thawing {n} filesystem(s) first"),
     });
+    // The Hyper-V channel acts on no request from here on, and the one in progress ends first.
+    vssd::hyperv::quiesce_all(std::time::Duration::from_secs(30)).await;
     agent.shutdown().await;
     systemd.flush(std::time::Duration::from_secs(1));
     ExitCode::SUCCESS
@@ -397,5 +399,38 @@ async fn wait_for_stop() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hyperv_device_is_served_by_itself_only_when_no_channel_is_configured() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("hv_vss");
+        let mut c = Config { sysfs: d.path().join("sys"), devfs: d.path().join("dev"), ..Config::default() };
+        // No device: the default channel stays.
+        assert!(choose_hyperv(&mut c, &dev).is_none());
+        assert_eq!(c.channels, Config::default().channels);
+        // The device, and no QGA port in this VM: Hyper-V alone (a missing port would stop vssd).
+        std::fs::write(&dev, b"").unwrap();
+        assert_eq!(choose_hyperv(&mut c, &dev), Some(vec![ChannelSpec::HyperV(dev.clone())]));
+        assert_eq!(c.channels, vec![ChannelSpec::HyperV(dev)]);
+        // A config file that names its channels keeps them.
+        let f = d.path().join("vssd.toml");
+        std::fs::write(&f, "channels = [\"vsock:9\"]\n").unwrap();
+        assert!(file_sets_channels(&f));
+        std::fs::write(&f, "scope = \"/\"\n").unwrap();
+        assert!(!file_sets_channels(&f));
+        assert!(!file_sets_channels(&d.path().join("missing.toml")));
+    }
+
+    #[test]
+    fn help_teaches_the_hyperv_channel() {
+        let help = <Cli as clap::CommandFactory>::command().render_long_help().to_string();
+        assert!(help.contains("hyperv[:PATH]"), "{help}");
+        assert!(help.contains("/dev/vmbus/hv_vss"), "{help}");
     }
 }

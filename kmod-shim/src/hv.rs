@@ -28,6 +28,10 @@ pub const MSG_SIZE: usize = 12;
 /// The size of the kernel's reply to REGISTER1 (a `__u32` version).
 pub const VERSION_SIZE: usize = 4;
 
+/// The version the kernel answers REGISTER1 with: `VSS_OP_REGISTER1` itself (`our_ver` in
+/// hv_snapshot.c's handshake), as a native-endian `__u32`.
+pub const KERNEL_VERSION_REGISTER1: u32 = Op::Register1 as u32;
+
 /// `VSS_HBU_NO_AUTO_RECOVERY`: the flag the kernel tells the host with a HOT_BACKUP answer.
 pub const VSS_HBU_NO_AUTO_RECOVERY: u32 = 0x0000_0005;
 
@@ -205,6 +209,7 @@ mod tests {
     fn numbers_are_the_kernels() {
         assert_eq!(MSG_SIZE, 12);
         assert_eq!(VERSION_SIZE, 4);
+        assert_eq!(KERNEL_VERSION_REGISTER1, 129);
         assert_eq!(VSS_HBU_NO_AUTO_RECOVERY, 5);
         assert_eq!(HV_S_OK, 0);
         assert_eq!(HV_E_FAIL, 0x80004005);

@@ -152,6 +152,16 @@ fn run(cli: &Cli) -> Result<Value, Failure> {
                         a["frozen-for-ms"]
                     );
                 }
+                for h in v["hyperv"].as_array().into_iter().flatten() {
+                    let version = h["kernel-version"].as_u64().map_or("none".to_string(), |n| n.to_string());
+                    println!(
+                        "hyperv: {} ({}, kernel version {version}, {} request(s), last: {})",
+                        h["device"].as_str().unwrap_or("?"),
+                        if h["registered"] == true { "registered" } else { "not registered" },
+                        h["requests"],
+                        h["last"].as_str().unwrap_or("none")
+                    );
+                }
             }
             Ok(v)
         }

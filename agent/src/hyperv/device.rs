@@ -18,9 +18,12 @@ pub struct CharDevice {
 impl CharDevice {
     /// Opens `path` read-write (blocking reads: a dedicated thread waits on it).
     pub fn open(path: &Path) -> Result<CharDevice, OpenError> {
+        use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            // Never this process's controlling terminal, whatever the path is (a test's pty).
+            .custom_flags(libc::O_NOCTTY)
             .open(path)
             .map(|file| CharDevice { file })
             .map_err(|e| OpenError::from_io(path, e))
@@ -66,4 +69,3 @@ pub fn holders(proc: &Path, device: &Path) -> Vec<(u32, String)> {
     out.sort();
     out
 }
-

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use device::{holders, CharDevice};
-pub use serve::{answer_for, spawn, Served, Settings};
+pub use serve::{spawn, Served, Settings, Status};
 
 /// The kernel's device as the loop needs it. Each call maps to one system call on the real
 /// device: a read or write moves one whole message.
@@ -111,4 +111,23 @@ pub fn status_json() -> Option<serde_json::Value> {
         return None;
     }
     Some(served.iter().map(|s| serde_json::to_value(s.status()).unwrap_or_default()).collect())
+}
+
+/// Quiesces every published channel before vssd's shutdown thaws ([`Served::quiesce`]).
+pub async fn quiesce_all(limit: Duration) {
+    // Out of the list while waiting (no lock held across an await), then back for status.
+    let list = std::mem::take(&mut *SERVED.lock().unwrap_or_else(|p| p.into_inner()));
+    for s in &list {
+        s.quiesce(limit).await;
+    }
+    SERVED.lock().unwrap_or_else(|p| p.into_inner()).extend(list);
+}
+
+/// Stops every published channel (a test that served a device path through the server).
+#[cfg(test)]
+pub(crate) fn stop_all() {
+    let served: Vec<Served> = std::mem::take(&mut *SERVED.lock().unwrap_or_else(|p| p.into_inner()));
+    for s in served {
+        s.stop();
+    }
 }

@@ -61,6 +61,8 @@ pub struct Status {
 /// The running channel.
 pub struct Served {
     stop: Arc<AtomicBool>,
+    /// Set while a request is being acted on (before the stop flag is looked at).
+    busy: Arc<AtomicBool>,
     status: Arc<Mutex<Status>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -70,8 +72,22 @@ impl Served {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Stops the loop (at its next wake-up) and waits for it. vssd itself never stops it: it
-    /// ends with the process, after the agent's shutdown thawed.
+    /// Before vssd's shutdown thaws: no request is acted on from now on (one that arrives is
+    /// left unanswered, and the kernel fails it to the host when the device closes at exit),
+    /// and the one in progress, if any, is waited for, up to `limit`; a FREEZE that finishes
+    /// meanwhile is not answered either (the shutdown thaws it).
+    pub async fn quiesce(&self, limit: Duration) {
+        // Stop first, then look at busy; the loop sets busy first, then looks at stop: one of
+        // the two sees the other (SeqCst).
+        self.stop.store(true, Ordering::SeqCst);
+        let end = tokio::time::Instant::now() + limit;
+        while self.busy.load(Ordering::SeqCst) && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the loop (at its next wake-up) and waits for it (tests; vssd quiesces it and
+    /// lets it end with the process).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -90,20 +106,21 @@ pub fn spawn(
     settings: Settings,
 ) -> std::io::Result<Served> {
     let stop = Arc::new(AtomicBool::new(false));
+    let busy = Arc::new(AtomicBool::new(false));
     let status = Arc::new(Mutex::new(Status { device: opener.name(), ..Status::default() }));
     let channel = agent.new_channel_id();
-    let mut ch = Channel { agent, rt, channel, froze: false, stop: stop.clone(), status: status.clone(), settings };
+    let mut ch = Channel {
+        agent,
+        rt,
+        channel,
+        froze: false,
+        stop: stop.clone(),
+        busy: busy.clone(),
+        status: status.clone(),
+        settings,
+    };
     let thread = std::thread::Builder::new().name("hyperv-vss".into()).spawn(move || ch.run(opener.as_mut(), first))?;
-    Ok(Served { stop, status, thread: Some(thread) })
-}
-
-/// The answer vssd gives for `op` when the agent's part went as `ok` says. Exposed so that
-/// docs and tests state one table.
-pub fn answer_for(op: Option<Op>, ok: bool) -> u32 {
-    match op {
-        Some(Op::Freeze | Op::Thaw | Op::HotBackup) if !ok => HV_E_FAIL,
-        _ => HV_S_OK,
-    }
+    Ok(Served { stop, busy, status, thread: Some(thread) })
 }
 
 /// Why a session with the device ended.
@@ -119,8 +136,18 @@ struct Channel {
     /// A FREEZE of this channel succeeded and its THAW has not come yet.
     froze: bool,
     stop: Arc<AtomicBool>,
+    busy: Arc<AtomicBool>,
     status: Arc<Mutex<Status>>,
     settings: Settings,
+}
+
+/// Clears the busy flag however `answer` returns.
+struct Busy(Arc<AtomicBool>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 fn hr(e: u32) -> &'static str {
@@ -161,6 +188,9 @@ impl Channel {
                 }
                 Err(e) => Ended::Failed(format!("{:#}", anyhow::Error::from(e))),
             };
+            if self.stopped() {
+                break; // vssd is stopping: its shutdown thaws
+            }
             match ended {
                 Ended::Stopped => break,
                 Ended::Failed(why) => {
@@ -243,7 +273,9 @@ impl Channel {
                     Ok(hv::VERSION_SIZE) => version = hv::decode_version(&buf[..hv::VERSION_SIZE]).ok(),
                     // A request already: this kernel answers REGISTER1 with nothing.
                     Ok(MSG_SIZE) => early = VssMsg::from_bytes(&buf[..MSG_SIZE]).ok(),
-                    Ok(n) => return Ended::Failed(format!("registration: the kernel answered {n} bytes, not a version")),
+                    Ok(n) => {
+                        return Ended::Failed(format!("registration: the kernel answered {n} bytes, not a version"))
+                    }
                     Err(e) => return Ended::Failed(format!("registration: reading the version failed: {e}")),
                 }
             }
@@ -292,6 +324,11 @@ impl Channel {
     /// Does what `m` asks and writes the answer: the same message with `error` stored over its
     /// header, as hv_vss_daemon answers (so the operation byte becomes the error's low byte).
     fn answer(&mut self, dev: &mut dyn HvDevice, m: VssMsg) -> Result<(), String> {
+        self.busy.store(true, Ordering::SeqCst);
+        let _busy = Busy(self.busy.clone());
+        if self.stop.load(Ordering::SeqCst) {
+            return Err("vssd is stopping: request left unanswered".into());
+        }
         let op = m.op();
         let error = match op {
             Some(Op::Freeze) => self.freeze(),
@@ -309,6 +346,11 @@ impl Channel {
             let mut s = self.status();
             s.requests += 1;
             s.last = Some(format!("{name}: {}", hr(error)));
+        }
+        if self.stopped() && self.froze {
+            // vssd began stopping during this FREEZE: its shutdown thaws, so the host must not
+            // hear HV_S_OK; unanswered, the kernel fails it when the device closes.
+            return Err("vssd is stopping: FREEZE left unanswered".into());
         }
         let mut reply = m;
         reply.set_error(error);
@@ -394,7 +436,9 @@ impl Channel {
             }
         }
         match round {
-            PrepareRound::Busy(state) => info!(state, "Hyper-V HOT_BACKUP: HV_S_OK (apps not asked: a freeze is in progress)"),
+            PrepareRound::Busy(state) => {
+                info!(state, "Hyper-V HOT_BACKUP: HV_S_OK (apps not asked: a freeze is in progress)")
+            }
             PrepareRound::NoApps => info!("Hyper-V HOT_BACKUP: HV_S_OK (no apps registered)"),
             PrepareRound::Asked(r) => info!(apps = r.len(), "Hyper-V HOT_BACKUP: HV_S_OK (apps ready)"),
         }

@@ -68,8 +68,7 @@ impl Agent {
         // Its own id, from the freezes' sequence, so an app never mixes it up with a freeze.
         let id = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let answers = apps.prepare(id, self.cfg.app_prepare_deadline()).await;
-        let asked: Vec<u64> =
-            answers.iter().filter(|r| r.outcome != Answer::Disconnected).map(|r| r.app_id).collect();
+        let asked: Vec<u64> = answers.iter().filter(|r| r.outcome != Answer::Disconnected).map(|r| r.app_id).collect();
         if !asked.is_empty() {
             apps.thaw(&asked, id, ThawReason::Aborted);
         }
