@@ -6,6 +6,8 @@
 #   initrd.img       busybox-static initramfs: tests/guest/init as PID 1, the kernel modules it
 #                    needs (dependency order), a static vssd, the plain writer (writer.rs,
 #                    static), qemu-ga and sqlite3 with the shared libraries they need (ldd),
+#                    the Hyper-V VSS emulation (hv-emu, hv-host: static) and Debian's stock
+#                    hv_vss_daemon (package hyperv-daemons, unpacked, with its libraries),
 #                    /sbin/shutdown (tests/guest/shutdown), and the files an installed system
 #                    has: /etc/hostname (vmtest), /etc/os-release (this host's, Debian's),
 #                    /etc/localtime (Europe/Berlin, from tzdata), /var/run -> /run
@@ -91,7 +93,7 @@ static_build() {
 }
 rel=$target/$TRIPLE/release
 sqlite_writer=${SQLITE_WRITER_BIN:-}
-extras=(-p tests --bin vsock-qga)
+extras=(-p tests --bin vsock-qga -p hv-emu --bin hv-emu --bin hv-host)
 [ -z "$sqlite_writer" ] && [ -f "$ws/appvss/examples/sqlite_writer.rs" ] && extras+=(-p appvss --example sqlite_writer)
 vsock_qga=
 extras_ok=
@@ -109,11 +111,13 @@ else
   fi
 fi
 [ -x "$vssd" ] || die "no vssd binary at $vssd"
+hv_emu=
 if [ -n "$extras_ok" ]; then
   vsock_qga=$rel/vsock-qga
+  hv_emu=$rel/hv-emu
   [ -z "$sqlite_writer" ] && [ -x "$rel/examples/sqlite_writer" ] && sqlite_writer=$rel/examples/sqlite_writer
 else
-  say "the guest's extras (sqlite_writer, vsock-qga) do not build (see $out/work/extras.err): the guest goes without them"
+  say "the guest's extras (sqlite_writer, vsock-qga, hv-emu) do not build (see $out/work/extras.err): the guest goes without them"
 fi
 [ -n "$sqlite_writer" ] || say "no appvss sqlite_writer: the guest uses the sqlite3 shell writer"
 
@@ -146,10 +150,14 @@ install -m 0755 "$vssd" "$stage/usr/bin/vssd"
 install -m 0755 "$writer" "$stage/usr/bin/vm-writer"
 [ -n "$sqlite_writer" ] && install -m 0755 "$sqlite_writer" "$stage/usr/bin/sqlite_writer"
 [ -n "$vsock_qga" ] && install -m 0755 "$vsock_qga" "$stage/usr/bin/vsock-qga"
+if [ -n "$hv_emu" ]; then
+  install -m 0755 "$hv_emu" "$stage/usr/bin/hv-emu"
+  install -m 0755 "$rel/hv-host" "$stage/usr/bin/hv-host"
+fi
 
 # Modules and everything they depend on, in the order modprobe would load them.
 mods=(virtio_pci virtio_blk virtio_console virtio_rng ext4 xfs vfat nls_cp437 nls_ascii nls_utf8
-      loop vsock vmw_vsock_virtio_transport vsock_loopback button evdev virtio_net)
+      loop vsock vmw_vsock_virtio_transport vsock_loopback button evdev virtio_net cuse)
 : >"$stage/etc/modules.list"
 declare -A seen=()
 for m in "${mods[@]}"; do
@@ -178,6 +186,21 @@ if [ -x /usr/sbin/qemu-ga ]; then copy_with_libs /usr/sbin/qemu-ga /usr/bin/qemu
 else say "qemu-ga not installed: guests with vmtest.agent=qemu-ga will have no agent"; fi
 if [ -x /usr/bin/sqlite3 ]; then copy_with_libs /usr/bin/sqlite3 /usr/bin/sqlite3
 else say "sqlite3 not installed: the guest has no SQLite writer"; fi
+# Debian's hv_vss_daemon, unmodified (the same release as this host: ldd finds its libraries
+# here). Downloaded, not installed: its unit must not run on this host.
+hvroot=$out/hyperv-root
+if [ ! -x "$hvroot/usr/sbin/hv_vss_daemon" ]; then
+  say "fetching hyperv-daemons"
+  rm -rf "$hvroot" "$out"/deb/hyperv-daemons_*.deb
+  (cd "$out/deb" && apt-get download hyperv-daemons >/dev/null 2>&1) || say "apt-get download hyperv-daemons failed (apt-get update first?)"
+  ls "$out"/deb/hyperv-daemons_*.deb >/dev/null 2>&1 && dpkg -x "$out"/deb/hyperv-daemons_*.deb "$hvroot"
+fi
+if [ -x "$hvroot/usr/sbin/hv_vss_daemon" ]; then
+  copy_with_libs "$hvroot/usr/sbin/hv_vss_daemon" /usr/sbin/hv_vss_daemon
+  ls "$out"/deb/hyperv-daemons_*.deb 2>/dev/null | sed 's|.*/||' >"$stage/etc/hyperv-daemons.deb"
+else
+  say "no hv_vss_daemon: the Hyper-V tests that need it will fail"
+fi
 
 # Fixed times: the same inputs give the same bytes, so an unchanged initramfs is not replaced.
 find "$stage" -exec touch -h -d @0 {} +
@@ -240,5 +263,7 @@ INITRD=$out/initrd.img
 KERNEL_PACKAGE=$kpkg
 DISKS="$out/data.qcow2 $out/data2.qcow2"
 SQLITE_WRITER=$([ -n "$sqlite_writer" ] && echo appvss || echo sqlite3-shell)
+HV_EMU=$([ -n "$hv_emu" ] && echo yes || echo no)
+HV_VSS_DAEMON=$([ -x "$hvroot/usr/sbin/hv_vss_daemon" ] && echo yes || echo no)
 EOF
 echo "$out"

@@ -146,8 +146,10 @@ pub struct Core {
     /// The kernel's delayed work is armed for this transaction.
     timer: Option<u64>,
     next_txn: u64,
-    /// `dm_reg_value`: the registration the daemon used last.
+    /// `dm_reg_value`: the registration the daemon used last (the kernel never clears it).
     dm_reg_value: Option<u8>,
+    /// The opener of now has registered (written REGISTER, or REGISTER1 and read the version).
+    session_registered: bool,
     timeouts: Timeouts,
     answers: Vec<Reply>,
     events: Vec<Event>,
@@ -177,6 +179,7 @@ impl Core {
             timer: None,
             next_txn: 1,
             dm_reg_value: None,
+            session_registered: false,
             timeouts,
             answers: Vec::new(),
             events: Vec::new(),
@@ -204,6 +207,13 @@ impl Core {
         self.current.is_some_and(|(t, _)| t == txn)
     }
 
+    /// Whether the present opener has completed a registration (REGISTER written, or REGISTER1
+    /// written and its version read). Not the kernel's notion: READY alone does not say it, as
+    /// a request the kernel answers itself also makes the state READY.
+    pub fn session_registered(&self) -> bool {
+        self.session_registered && !self.register_done_on_read
+    }
+
     /// The timers in force.
     pub fn timeouts(&self) -> Timeouts {
         self.timeouts
@@ -222,6 +232,11 @@ impl Core {
     /// The host's answers given since the last call.
     pub fn take_answers(&mut self) -> Vec<Reply> {
         std::mem::take(&mut self.answers)
+    }
+
+    /// How many events wait for [`Core::take_events`].
+    pub fn pending_events(&self) -> usize {
+        self.events.len()
     }
 
     /// What happened since the last call.
@@ -351,6 +366,7 @@ impl Core {
             Mode::Destroy => Err(errno(libc::EBADF)),
             Mode::Init => {
                 self.mode = Mode::Chardev;
+                self.session_registered = false;
                 Ok(())
             }
             Mode::Chardev => Err(errno(libc::EBUSY)),
@@ -363,6 +379,7 @@ impl Core {
         self.mode = Mode::Init;
         self.outmsg = None;
         self.register_done_on_read = false;
+        self.session_registered = false;
         if self.timer.take().is_some() {
             self.respond(HV_E_FAIL);
         }
@@ -451,6 +468,7 @@ impl Core {
                 self.transport_send(KERNEL_VERSION_REPLY.to_ne_bytes().to_vec(), true).map_err(|_| libc::EFAULT)?;
             }
             self.dm_reg_value = Some(op);
+            self.session_registered = true;
             self.events.push(Event::Registered(op));
             return Ok(());
         }
@@ -506,6 +524,23 @@ mod tests {
     fn register1_gets_the_version_and_makes_the_kernel_ready() {
         let c = registered();
         assert_eq!(c.registered(), Some(129));
+        assert!(c.session_registered());
+    }
+
+    #[test]
+    fn a_kernel_answered_request_makes_ready_without_a_registration() {
+        let mut c = Core::default();
+        c.host_request(Op::GetDmInfo as u8, 0);
+        c.open().unwrap();
+        assert_eq!(c.state(), State::Ready);
+        assert!(!c.session_registered());
+        c.write(&VssMsg::with_op(Op::Register1 as u8).to_bytes()).unwrap();
+        assert!(!c.session_registered(), "not until the version is read");
+        c.read(MSG_SIZE).unwrap();
+        assert!(c.session_registered());
+        c.release();
+        assert!(!c.session_registered());
+        assert_eq!(c.registered(), Some(129), "dm_reg_value stays");
     }
 
     #[test]

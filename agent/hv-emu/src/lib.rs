@@ -116,9 +116,9 @@ impl Shared {
     fn with<R>(&self, f: impl FnOnce(&mut core::Core) -> R) -> R {
         let (r, changed) = {
             let mut c = self.lock();
-            let before = c.generation();
+            let before = (c.generation(), c.pending_events());
             let r = f(&mut c);
-            (r, c.generation() != before)
+            (r, (c.generation(), c.pending_events()) != before)
         };
         if changed {
             self.changed.notify_all();
@@ -252,10 +252,11 @@ impl Emulator {
         self.shared.lock().registered()
     }
 
-    /// Waits until the kernel is READY (a daemon registered and nothing pending), up to
-    /// `limit`; false if it did not happen.
+    /// Waits until the kernel is READY with the present opener registered (REGISTER written,
+    /// or REGISTER1 written and its version read) and nothing pending, up to `limit`; false
+    /// if it did not happen.
     pub fn wait_ready(&self, limit: Duration) -> bool {
-        self.wait_for(limit, |c| c.state() == State::Ready && c.is_open())
+        self.wait_for(limit, |c| c.state() == State::Ready && c.is_open() && c.session_registered())
     }
 
     /// Waits until `f` holds for the kernel's state, up to `limit`.

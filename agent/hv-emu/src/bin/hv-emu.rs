@@ -22,7 +22,8 @@ struct Args {
     /// The control socket (JSON lines) in this machine.
     #[arg(long, default_value = "/run/hv-emu.sock")]
     socket: PathBuf,
-    /// Also take requests on the virtio-serial port with this name (e.g. org.vssd.hvhost.0).
+    /// Also take requests on the virtio-serial port with this name (e.g. org.vssd.hvhost.0),
+    /// once it exists (it may be hot-plugged later).
     #[arg(long)]
     port: Option<String>,
     /// The kernel's FREEZE timeout, in milliseconds (the kernel: 900000).
@@ -66,21 +67,22 @@ fn main() {
             }
         });
     }
-    if let Some(name) = &a.port {
-        match kmod_shim::virtio::find_port(std::path::Path::new("/sys"), std::path::Path::new("/dev"), name) {
-            Ok(path) => {
-                let emu = emu.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = hv_emu::control::serve_port(emu, &path) {
-                        eprintln!("hv-emu: control port {}: {e}", path.display());
-                    }
-                });
+    if let Some(name) = a.port.clone() {
+        // The port may come later (hot-plugged by a test): look for it until it is there.
+        let emu = emu.clone();
+        std::thread::spawn(move || {
+            let (sys, dev) = (std::path::Path::new("/sys"), std::path::Path::new("/dev"));
+            let path = loop {
+                match kmod_shim::virtio::find_port(sys, dev, &name) {
+                    Ok(p) => break p,
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            eprintln!("hv-emu: control port {name} is {}", path.display());
+            if let Err(e) = hv_emu::control::serve_port(emu, &path) {
+                eprintln!("hv-emu: control port {}: {e}", path.display());
             }
-            Err(e) => {
-                eprintln!("hv-emu: no virtio-serial port {name}: {e}");
-                std::process::exit(1);
-            }
-        }
+        });
     }
     if let Err(e) = hv_emu::cuse::serve(emu, &a.cuse, &a.name) {
         eprintln!("hv-emu: {}: {e} (is the cuse module loaded?)", a.cuse.display());
