@@ -24,9 +24,18 @@ use tests::*;
 const GRACE_S: u64 = 1;
 const DEADLINE_S: u64 = 10;
 
+/// The reason of vssd's last thaw by itself. The filesystems thaw first and the report is
+/// recorded after the thaw hooks ran, so a test that saw them writable waits for it (3 s).
 fn last_auto_thaw_reason(c: &mut QgaClient) -> String {
-    let st = c.ok("vssd-status", None);
-    st["last-auto-thaw"]["reason"].as_str().unwrap_or("none").to_string()
+    let end = Instant::now() + Duration::from_secs(3);
+    loop {
+        let st = c.ok("vssd-status", None);
+        match st["last-auto-thaw"]["reason"].as_str() {
+            Some(r) => return r.to_string(),
+            None if Instant::now() >= end => return "none".into(),
+            None => thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 fn hook(sb: &Sandbox, name: &str, body: &str) -> PathBuf {
