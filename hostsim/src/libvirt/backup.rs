@@ -100,7 +100,26 @@ pub fn run(req: &Request) -> Result<BackupOutcome, Error> {
         return Err(BackupError::NoDisks.into());
     }
     let target = &req.target;
-    std::fs::create_dir_all(target).map_err(io(format!("cannot create {}", target.display())))?;
+    // libvirt's QEMU (libvirt-qemu, or root without CAP_DAC_OVERRIDE) opens the copies below:
+    // the target, and the folders vmctl creates for it (owner-only, 0700), must be
+    // traversable. 0711: others may pass through to the job's directory, never list backups.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut missing: Vec<&Path> =
+            target.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
+        std::fs::create_dir_all(target).map_err(io(format!("cannot create {}", target.display())))?;
+        if missing.is_empty() {
+            missing.push(target);
+        }
+        for d in missing {
+            if let Ok(meta) = std::fs::metadata(d) {
+                let mode = meta.permissions().mode() & 0o7777;
+                if mode & 0o011 != 0o011 {
+                    let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o011));
+                }
+            }
+        }
+    }
     let listing = backup::list(target)?;
 
     // The parent, and its checkpoint in libvirt.
