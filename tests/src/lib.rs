@@ -35,6 +35,7 @@ pub mod libvirt;
 pub mod probe;
 pub mod qemu_ga;
 pub mod qga;
+pub mod rawapp;
 pub mod report;
 pub mod sandbox;
 pub mod sysguest;

@@ -1,64 +1,15 @@
 //! Root tier: applications holding a freeze through vssd's app socket (appvss protocol,
 //! spoken raw here so the tests check the wire, not a client library), and hooks.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tests::rawapp::RawApp;
 use tests::*;
-
-/// An app speaking the protocol by hand.
-struct RawApp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl RawApp {
-    fn connect(path: &Path) -> RawApp {
-        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        RawApp { w: s.try_clone().unwrap(), r: BufReader::new(s) }
-    }
-
-    fn register(path: &Path, name: &str) -> RawApp {
-        let mut a = RawApp::connect(path);
-        a.send(&json!({"type": "hello", "id": 1, "name": name, "min_version": 1, "max_version": 1}));
-        let w = a.recv().expect("welcome");
-        assert_eq!(w["type"], "welcome", "{w}");
-        assert_eq!(w["re"], 1);
-        a
-    }
-
-    fn send(&mut self, v: &Value) {
-        let mut b = serde_json::to_vec(v).unwrap();
-        b.push(b'\n');
-        self.w.write_all(&b).unwrap();
-    }
-
-    fn send_raw(&mut self, b: &[u8]) {
-        self.w.write_all(b).unwrap();
-    }
-
-    /// The next message; None at end of stream or timeout.
-    fn recv(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        match self.r.read_line(&mut line) {
-            Ok(0) | Err(_) => None,
-            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad line from vssd {line:?}: {e}"))),
-        }
-    }
-
-    fn expect(&mut self, ty: &str) -> Value {
-        let m = self.recv().unwrap_or_else(|| panic!("expected {ty}, got end of stream"));
-        assert_eq!(m["type"], ty, "expected {ty}: {m}");
-        m
-    }
-}
 
 /// What a scripted app does in each phase.
 #[derive(Clone, Copy, PartialEq)]

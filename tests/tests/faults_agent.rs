@@ -8,7 +8,7 @@
 //! user relies on (the channel-drop grace, the deadline), vssd still serves, and the report or
 //! the error says what happened.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tests::rawapp::RawApp;
 use tests::*;
 
 /// The channel-drop grace the cells run with, and the deadline (long enough that a thaw by
@@ -53,48 +54,6 @@ fn request_then_hang_up(sock: &Path, command: &str) {
     s.write_all(format!("{{\"execute\":\"{command}\"}}\n").as_bytes()).unwrap();
     // Long enough for vssd to read the request before the connection goes.
     thread::sleep(Duration::from_millis(100));
-}
-
-/// An app speaking the appvss protocol by hand.
-struct RawApp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl RawApp {
-    fn connect(path: &Path) -> RawApp {
-        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        RawApp { w: s.try_clone().unwrap(), r: BufReader::new(s) }
-    }
-    fn register(path: &Path, name: &str) -> RawApp {
-        let mut a = RawApp::connect(path);
-        a.send(&json!({"type": "hello", "id": 1, "name": name, "min_version": 1, "max_version": 1}));
-        let w = a.recv().expect("welcome");
-        assert_eq!(w["type"], "welcome", "{w}");
-        a
-    }
-    fn send(&mut self, v: &Value) {
-        let mut b = serde_json::to_vec(v).unwrap();
-        b.push(b'\n');
-        let _ = self.w.write_all(&b);
-    }
-    fn recv(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        match self.r.read_line(&mut line) {
-            Ok(0) | Err(_) => None,
-            Ok(_) => serde_json::from_str(&line).ok(),
-        }
-    }
-    fn expect(&mut self, ty: &str) -> Value {
-        loop {
-            let m = self.recv().unwrap_or_else(|| panic!("expected {ty}, got end of stream"));
-            if m["type"] == ty {
-                return m;
-            }
-            assert_eq!(m["type"], "error", "expected {ty}: {m}");
-        }
-    }
 }
 
 /// An app that answers PREPARE after `prepare` and FREEZE after `freeze`, then waits for THAW
