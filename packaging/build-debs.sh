@@ -20,6 +20,12 @@ command -v cargo-deb >/dev/null || { echo "build-debs.sh: cargo-deb not found: c
 # Everything but the .deb paths goes to stderr.
 exec 3>&1 1>&2
 
+# One build at a time per tree: test binaries that need the packages (packages.rs, the systemd
+# guests) may call this at the same time, and each one empties target/packaging/ first.
+mkdir -p target
+exec 9>target/.build-debs.lock
+flock 9
+
 start=$SECONDS
 # The benchmarks' builds (tests/run-all.sh), then the C library and the appvss CLI.
 cargo build --release --locked -p vssd -p tests --bins
