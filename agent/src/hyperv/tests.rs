@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::engine::fake::FakeKernel;
 use crate::engine::Kernel;
 use crate::service::testkit::{config, FakeApps};
-use crate::service::{Agent, AppCoordinator, FreezeRequest};
+use crate::service::{Agent, AgentError, AppCoordinator, FreezeRequest};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -304,6 +304,69 @@ async fn a_qga_freeze_and_a_hyperv_freeze_never_interleave() {
     assert_eq!(r.count("freeze "), 6, "only one freeze ran each time");
     assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK);
     assert_eq!(r.agent.status(), "thawed");
+}
+
+#[tokio::test]
+async fn a_qga_thaw_of_a_hyperv_freeze_thaws_and_the_hosts_thaw_then_hears_hv_e_fail() {
+    let r = rig();
+    r.registered(1).await;
+    assert_eq!(r.host(Op::Freeze).await.error, HV_S_OK);
+    // qemu-ga's guest-fsfreeze-thaw thaws whatever is frozen; so does vssd's, for every channel.
+    let t = r.agent.thaw().await.unwrap();
+    assert_eq!(t.thawed, 3);
+    assert_eq!(r.agent.status(), "thawed");
+    // The host's snapshot may have been taken after that thaw: not application-consistent.
+    assert_eq!(r.host(Op::Thaw).await.error, HV_E_FAIL);
+    assert_eq!(r.count("thaw "), 3, "nothing thawed twice");
+    // A QGA freeze taken in between is never thawed by the Hyper-V THAW.
+    assert_eq!(r.host(Op::Freeze).await.error, HV_S_OK);
+    r.agent.thaw().await.unwrap();
+    r.agent.freeze(FreezeRequest { owner: Some(999), ..Default::default() }).await.unwrap();
+    assert_eq!(r.host(Op::Thaw).await.error, HV_E_FAIL);
+    assert_eq!(r.agent.status(), "frozen", "the QGA client's freeze holds");
+    assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK, "a THAW again: nothing of this channel's frozen");
+    assert_eq!(r.agent.status(), "frozen");
+    r.agent.thaw().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_qga_freeze_and_a_hyperv_freeze_sent_at_once_freeze_once() {
+    let r = rig_with(FakeKernel::new().delay(Duration::from_millis(20)), None, T, Timeouts { freeze: T, other: T });
+    r.registered(1).await;
+    for round in 0..10 {
+        let e = r.emu.clone();
+        let hv = tokio::task::spawn_blocking(move || e.request(Op::Freeze));
+        let a = r.agent.clone();
+        let qga = tokio::spawn(async move { a.freeze(FreezeRequest { owner: Some(999), ..Default::default() }).await });
+        let (hv, qga) = (hv.await.unwrap(), qga.await.unwrap());
+        if let Err(e) = &qga {
+            // What the QGA layer answers as qemu-ga does for a freeze while frozen.
+            assert!(
+                matches!(
+                    e,
+                    AgentError::Transition(
+                        crate::engine::TransitionError::AlreadyFrozen | crate::engine::TransitionError::Busy
+                    )
+                ),
+                "round {round}: the QGA freeze lost with {e:?}"
+            );
+        }
+        assert_eq!(r.count("freeze "), 3 * (round + 1), "round {round}: exactly one freeze ran");
+        assert_eq!(r.agent.status(), "frozen");
+        match (hv.error, qga.is_ok()) {
+            // Hyper-V won: QGA got its error, and the host's THAW thaws.
+            (HV_S_OK, false) => assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK),
+            // QGA won: HV_E_FAIL; the host's THAW leaves QGA's freeze alone, QGA's thaw thaws.
+            (HV_E_FAIL, true) => {
+                assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK);
+                assert_eq!(r.agent.status(), "frozen");
+                r.agent.thaw().await.unwrap();
+            }
+            other => panic!("round {round}: both or neither froze: {other:?}"),
+        }
+        assert_eq!(r.agent.status(), "thawed", "round {round}: never left frozen");
+        assert_eq!(r.count("thaw "), 3 * (round + 1));
+    }
 }
 
 #[test]
