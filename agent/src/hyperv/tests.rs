@@ -172,6 +172,36 @@ async fn hot_backup_asks_the_apps_and_answers_hv_e_fail_on_a_veto() {
 }
 
 #[tokio::test]
+async fn after_a_vetoed_hot_backup_the_next_one_is_yes_and_the_freeze_holds_the_apps() {
+    let apps = FakeApps::new(&[1, 2]);
+    apps.prepare_next.lock().unwrap().push_back(Answer::Vetoed);
+    let r = rig_with(FakeKernel::new(), Some(apps), T, Timeouts { freeze: T, other: T });
+    r.registered(1).await;
+    assert_eq!(r.host(Op::HotBackup).await.error, HV_E_FAIL, "an app vetoed");
+    assert!(r.kernel.calls().is_empty(), "nothing frozen for a HOT_BACKUP");
+    assert_eq!(r.host(Op::HotBackup).await.error, HV_S_OK, "no veto this time");
+    assert_eq!(r.host(Op::Freeze).await.error, HV_S_OK);
+    let log = r.apps.as_ref().unwrap().log();
+    assert_eq!(log.last().unwrap(), "freeze [1, 2] 3", "the apps hold during the FREEZE: {log:?}");
+    assert_eq!(r.count("freeze "), 3);
+    assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK);
+    let log = r.apps.as_ref().unwrap().log();
+    assert_eq!(
+        log,
+        [
+            "prepare 1",
+            "thaw [1, 2] 1 Aborted",
+            "prepare 2",
+            "thaw [1, 2] 2 Aborted",
+            "prepare 3",
+            "freeze [1, 2] 3",
+            "thaw [1, 2] 3 Completed"
+        ],
+        "exactly one THAW per round, the last after the host's THAW"
+    );
+}
+
+#[tokio::test]
 async fn hot_backup_with_ready_apps_is_yes_and_releases_them_before_the_freeze() {
     let apps = FakeApps::new(&[1, 2]);
     let r = rig_with(FakeKernel::new(), Some(apps), T, Timeouts { freeze: T, other: T });

@@ -17,6 +17,8 @@ use crate::config::Config;
 pub(crate) struct FakeApps {
     pub ids: Vec<u64>,
     pub prepare: Answer,
+    /// Answers for the next PREPAREs, in order, before `prepare` again.
+    pub prepare_next: Mutex<std::collections::VecDeque<Answer>>,
     pub freeze: Answer,
     pub prepare_takes: Duration,
     pub log: Mutex<Vec<String>>,
@@ -28,6 +30,7 @@ impl FakeApps {
         FakeApps {
             ids: ids.to_vec(),
             prepare: Answer::Ready,
+            prepare_next: Mutex::default(),
             freeze: Answer::Held,
             prepare_takes: Duration::ZERO,
             log: Mutex::new(vec![]),
@@ -62,7 +65,8 @@ impl AppCoordinator for FakeApps {
         Box::pin(async move {
             self.log.lock().unwrap().push(format!("prepare {freeze_id}"));
             tokio::time::sleep(self.prepare_takes).await;
-            reports(&self.ids, self.prepare)
+            let answer = self.prepare_next.lock().unwrap().pop_front().unwrap_or(self.prepare);
+            reports(&self.ids, answer)
         })
     }
     fn freeze<'a>(&'a self, apps: &'a [u64], freeze_id: u64, _: Duration, _: Duration) -> BoxFuture<'a, PhaseResult> {
