@@ -365,3 +365,36 @@ fn a_backup_frozen_through_the_hyperv_path_verifies_clean_with_every_acked_recor
     eprintln!("[hv] acked before the FREEZE: {before:?}; in the backup: {found:?}");
     VSSD.stop(&vm);
 }
+
+/// The `Conflicts=` line of vssd.service that stops hv_vss_daemon (the kernel lets one process
+/// open /dev/vmbus/hv_vss).
+fn conflicts_of_vssd_service() -> Vec<String> {
+    let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let unit = std::fs::read_to_string(ws.join("packaging/vssd.service")).expect("packaging/vssd.service");
+    unit.lines()
+        .filter_map(|l| l.strip_prefix("Conflicts="))
+        .flat_map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .collect()
+}
+
+#[test]
+fn vssd_service_conflicts_with_hv_vss_daemon() {
+    let c = conflicts_of_vssd_service();
+    for unit in ["hv-vss-daemon.service", "hyperv-daemons.hv-vss-daemon.service", "qemu-guest-agent.service"] {
+        assert!(c.iter().any(|u| u == unit), "vssd.service does not conflict with {unit}: {c:?}");
+    }
+}
+
+/// Debian's hyperv-daemons (the one the guest runs) names its unit as vssd.service's
+/// Conflicts= does, so installing vssd stops the stock daemon rather than racing it.
+#[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
+fn debian_names_the_daemons_unit_as_vssd_service_conflicts_with() {
+    let g = tests::vm::guest();
+    let unit = g.dir.join("hyperv-root/lib/systemd/system/hv-vss-daemon.service");
+    let text = std::fs::read_to_string(&unit).unwrap_or_else(|e| {
+        panic!("{}: {e} (tests/guest/build.sh unpacks Debian's hyperv-daemons there)", unit.display())
+    });
+    assert!(text.contains("ExecStart=/usr/sbin/hv_vss_daemon"), "{}:\n{text}", unit.display());
+    assert!(conflicts_of_vssd_service().iter().any(|u| u == "hv-vss-daemon.service"));
+}

@@ -3,19 +3,19 @@
 //! scripted apps. Real time, short timers: the loop blocks a thread of its own.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use appvss_proto::ThawReason;
 use hv_emu::{Emulator, Readiness, Timeouts};
 use kmod_shim::hv::{Op, VssMsg, HV_E_FAIL, HV_S_OK, VSS_HBU_NO_AUTO_RECOVERY};
 
 use super::*;
-use crate::apps::{Answer, AppReport, PhaseResult};
+use crate::apps::Answer;
 use crate::config::Config;
 use crate::engine::fake::FakeKernel;
 use crate::engine::Kernel;
-use crate::service::{Agent, AppCoordinator, BoxFuture, FreezeRequest};
+use crate::service::testkit::{config, FakeApps};
+use crate::service::{Agent, AgentError, AppCoordinator, FreezeRequest};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -47,47 +47,6 @@ impl HvOpener for EmuOpener {
     }
 }
 
-/// Apps that answer PREPARE as scripted and log what they were asked.
-struct FakeApps {
-    prepare: Answer,
-    log: Mutex<Vec<String>>,
-}
-
-impl AppCoordinator for FakeApps {
-    fn count(&self) -> usize {
-        2
-    }
-    fn prepare(&self, freeze_id: u64, _: Duration) -> BoxFuture<'_, PhaseResult> {
-        self.log.lock().unwrap().push(format!("prepare {freeze_id}"));
-        Box::pin(async move { reports(&[1, 2], self.prepare) })
-    }
-    fn freeze<'a>(&'a self, apps: &'a [u64], freeze_id: u64, _: Duration, _: Duration) -> BoxFuture<'a, PhaseResult> {
-        self.log.lock().unwrap().push(format!("freeze {apps:?} {freeze_id}"));
-        Box::pin(async move { reports(apps, Answer::Held) })
-    }
-    fn thaw(&self, apps: &[u64], freeze_id: u64, reason: ThawReason) {
-        self.log.lock().unwrap().push(format!("thaw {apps:?} {freeze_id} {reason:?}"));
-    }
-    fn list(&self) -> Vec<serde_json::Value> {
-        vec![]
-    }
-}
-
-fn reports(ids: &[u64], outcome: Answer) -> PhaseResult {
-    ids.iter()
-        .map(|&app_id| AppReport {
-            app_id,
-            name: format!("app{app_id}"),
-            uid: 0,
-            pid: None,
-            outcome,
-            reason: None,
-            prepare_ms: None,
-            freeze_ms: None,
-        })
-        .collect()
-}
-
 struct Rig {
     _dir: tempfile::TempDir,
     emu: Emulator,
@@ -96,25 +55,6 @@ struct Rig {
     apps: Option<Arc<FakeApps>>,
     served: Option<Served>,
     marker: std::path::PathBuf,
-}
-
-fn config(dir: &Path, deadline: Duration) -> Config {
-    let mi = dir.join("mountinfo");
-    std::fs::write(
-        &mi,
-        "10 1 7:0 / /s/a rw - ext4 /dev/loop0 rw\n11 1 7:1 / /s/b rw - xfs /dev/loop1 rw\n\
-         12 1 7:2 / /s/c rw - ext4 /dev/loop2 rw\n",
-    )
-    .unwrap();
-    Config {
-        scope: "/s".into(),
-        mountinfo: mi,
-        sysfs: dir.join("sys"),
-        state_dir: dir.join("state"),
-        hooks_dirs: vec![],
-        freeze_deadline: deadline.as_secs_f64(),
-        ..Config::default()
-    }
 }
 
 fn settings() -> Settings {
@@ -220,26 +160,56 @@ async fn a_full_sequence_answers_as_hv_vss_daemon_and_freezes_like_qga() {
 
 #[tokio::test]
 async fn hot_backup_asks_the_apps_and_answers_hv_e_fail_on_a_veto() {
-    let apps = FakeApps { prepare: Answer::Vetoed, log: Mutex::new(vec![]) };
+    let apps = FakeApps { prepare: Answer::Vetoed, ..FakeApps::new(&[1, 2]) };
     let r = rig_with(FakeKernel::new(), Some(apps), T, Timeouts { freeze: T, other: T });
     r.registered(1).await;
     let a = r.host(Op::HotBackup).await;
     assert_eq!(a.error, HV_E_FAIL);
-    let log = r.apps.as_ref().unwrap().log.lock().unwrap().clone();
+    let log = r.apps.as_ref().unwrap().log();
     assert_eq!(log, vec!["prepare 1".to_string(), "thaw [1, 2] 1 Aborted".to_string()], "asked, then released");
     assert!(r.kernel.calls().is_empty(), "a HOT_BACKUP freezes nothing");
     assert_eq!(r.agent.status(), "thawed");
 }
 
 #[tokio::test]
+async fn after_a_vetoed_hot_backup_the_next_one_is_yes_and_the_freeze_holds_the_apps() {
+    let apps = FakeApps::new(&[1, 2]);
+    apps.prepare_next.lock().unwrap().push_back(Answer::Vetoed);
+    let r = rig_with(FakeKernel::new(), Some(apps), T, Timeouts { freeze: T, other: T });
+    r.registered(1).await;
+    assert_eq!(r.host(Op::HotBackup).await.error, HV_E_FAIL, "an app vetoed");
+    assert!(r.kernel.calls().is_empty(), "nothing frozen for a HOT_BACKUP");
+    assert_eq!(r.host(Op::HotBackup).await.error, HV_S_OK, "no veto this time");
+    assert_eq!(r.host(Op::Freeze).await.error, HV_S_OK);
+    let log = r.apps.as_ref().unwrap().log();
+    assert_eq!(log.last().unwrap(), "freeze [1, 2] 3", "the apps hold during the FREEZE: {log:?}");
+    assert_eq!(r.count("freeze "), 3);
+    assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK);
+    let log = r.apps.as_ref().unwrap().log();
+    assert_eq!(
+        log,
+        [
+            "prepare 1",
+            "thaw [1, 2] 1 Aborted",
+            "prepare 2",
+            "thaw [1, 2] 2 Aborted",
+            "prepare 3",
+            "freeze [1, 2] 3",
+            "thaw [1, 2] 3 Completed"
+        ],
+        "exactly one THAW per round, the last after the host's THAW"
+    );
+}
+
+#[tokio::test]
 async fn hot_backup_with_ready_apps_is_yes_and_releases_them_before_the_freeze() {
-    let apps = FakeApps { prepare: Answer::Ready, log: Mutex::new(vec![]) };
+    let apps = FakeApps::new(&[1, 2]);
     let r = rig_with(FakeKernel::new(), Some(apps), T, Timeouts { freeze: T, other: T });
     r.registered(1).await;
     assert_eq!(r.host(Op::HotBackup).await.error, HV_S_OK);
     assert_eq!(r.host(Op::Freeze).await.error, HV_S_OK);
     assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK);
-    let log = r.apps.as_ref().unwrap().log.lock().unwrap().clone();
+    let log = r.apps.as_ref().unwrap().log();
     assert_eq!(log, ["prepare 1", "thaw [1, 2] 1 Aborted", "prepare 2", "freeze [1, 2] 2", "thaw [1, 2] 2 Completed"]);
 }
 
@@ -364,6 +334,69 @@ async fn a_qga_freeze_and_a_hyperv_freeze_never_interleave() {
     assert_eq!(r.count("freeze "), 6, "only one freeze ran each time");
     assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK);
     assert_eq!(r.agent.status(), "thawed");
+}
+
+#[tokio::test]
+async fn a_qga_thaw_of_a_hyperv_freeze_thaws_and_the_hosts_thaw_then_hears_hv_e_fail() {
+    let r = rig();
+    r.registered(1).await;
+    assert_eq!(r.host(Op::Freeze).await.error, HV_S_OK);
+    // qemu-ga's guest-fsfreeze-thaw thaws whatever is frozen; so does vssd's, for every channel.
+    let t = r.agent.thaw().await.unwrap();
+    assert_eq!(t.thawed, 3);
+    assert_eq!(r.agent.status(), "thawed");
+    // The host's snapshot may have been taken after that thaw: not application-consistent.
+    assert_eq!(r.host(Op::Thaw).await.error, HV_E_FAIL);
+    assert_eq!(r.count("thaw "), 3, "nothing thawed twice");
+    // A QGA freeze taken in between is never thawed by the Hyper-V THAW.
+    assert_eq!(r.host(Op::Freeze).await.error, HV_S_OK);
+    r.agent.thaw().await.unwrap();
+    r.agent.freeze(FreezeRequest { owner: Some(999), ..Default::default() }).await.unwrap();
+    assert_eq!(r.host(Op::Thaw).await.error, HV_E_FAIL);
+    assert_eq!(r.agent.status(), "frozen", "the QGA client's freeze holds");
+    assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK, "a THAW again: nothing of this channel's frozen");
+    assert_eq!(r.agent.status(), "frozen");
+    r.agent.thaw().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_qga_freeze_and_a_hyperv_freeze_sent_at_once_freeze_once() {
+    let r = rig_with(FakeKernel::new().delay(Duration::from_millis(20)), None, T, Timeouts { freeze: T, other: T });
+    r.registered(1).await;
+    for round in 0..10 {
+        let e = r.emu.clone();
+        let hv = tokio::task::spawn_blocking(move || e.request(Op::Freeze));
+        let a = r.agent.clone();
+        let qga = tokio::spawn(async move { a.freeze(FreezeRequest { owner: Some(999), ..Default::default() }).await });
+        let (hv, qga) = (hv.await.unwrap(), qga.await.unwrap());
+        if let Err(e) = &qga {
+            // What the QGA layer answers as qemu-ga does for a freeze while frozen.
+            assert!(
+                matches!(
+                    e,
+                    AgentError::Transition(
+                        crate::engine::TransitionError::AlreadyFrozen | crate::engine::TransitionError::Busy
+                    )
+                ),
+                "round {round}: the QGA freeze lost with {e:?}"
+            );
+        }
+        assert_eq!(r.count("freeze "), 3 * (round + 1), "round {round}: exactly one freeze ran");
+        assert_eq!(r.agent.status(), "frozen");
+        match (hv.error, qga.is_ok()) {
+            // Hyper-V won: QGA got its error, and the host's THAW thaws.
+            (HV_S_OK, false) => assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK),
+            // QGA won: HV_E_FAIL; the host's THAW leaves QGA's freeze alone, QGA's thaw thaws.
+            (HV_E_FAIL, true) => {
+                assert_eq!(r.host(Op::Thaw).await.error, HV_S_OK);
+                assert_eq!(r.agent.status(), "frozen");
+                r.agent.thaw().await.unwrap();
+            }
+            other => panic!("round {round}: both or neither froze: {other:?}"),
+        }
+        assert_eq!(r.agent.status(), "thawed", "round {round}: never left frozen");
+        assert_eq!(r.count("thaw "), 3 * (round + 1));
+    }
 }
 
 #[test]

@@ -33,6 +33,8 @@ mod thaw;
 mod timers;
 
 #[cfg(test)]
+pub(crate) mod testkit;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashSet;

@@ -6,79 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use appvss_proto::ThawReason;
-
+use super::testkit::{self, FakeApps};
 use super::*;
-use crate::apps::{Answer, AppReport, PhaseResult};
+use crate::apps::Answer;
 use crate::engine::fake::FakeKernel;
 use crate::engine::{FrozenFs, Kernel};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 const GRACE: Duration = Duration::from_secs(5);
 const MS: Duration = Duration::from_millis(1);
-
-/// Apps that answer as scripted and log what they were asked.
-struct FakeApps {
-    ids: Vec<u64>,
-    prepare: Answer,
-    freeze: Answer,
-    prepare_takes: Duration,
-    log: Mutex<Vec<String>>,
-}
-
-impl FakeApps {
-    fn new(ids: &[u64]) -> FakeApps {
-        FakeApps {
-            ids: ids.to_vec(),
-            prepare: Answer::Ready,
-            freeze: Answer::Held,
-            prepare_takes: Duration::ZERO,
-            log: Mutex::new(vec![]),
-        }
-    }
-    fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-    fn answers(&self, ids: &[u64], outcome: Answer) -> PhaseResult {
-        ids.iter()
-            .map(|&app_id| AppReport {
-                app_id,
-                name: format!("app{app_id}"),
-                uid: 0,
-                pid: None,
-                outcome,
-                reason: None,
-                prepare_ms: None,
-                freeze_ms: None,
-            })
-            .collect()
-    }
-}
-
-impl AppCoordinator for FakeApps {
-    fn count(&self) -> usize {
-        self.ids.len()
-    }
-    fn prepare(&self, freeze_id: u64, _: Duration) -> BoxFuture<'_, PhaseResult> {
-        Box::pin(async move {
-            self.log.lock().unwrap().push(format!("prepare {freeze_id}"));
-            tokio::time::sleep(self.prepare_takes).await;
-            self.answers(&self.ids, self.prepare)
-        })
-    }
-    fn freeze<'a>(&'a self, apps: &'a [u64], freeze_id: u64, _: Duration, _: Duration) -> BoxFuture<'a, PhaseResult> {
-        Box::pin(async move {
-            self.log.lock().unwrap().push(format!("freeze {apps:?} {freeze_id}"));
-            self.answers(apps, self.freeze)
-        })
-    }
-    fn thaw(&self, apps: &[u64], freeze_id: u64, reason: ThawReason) {
-        self.log.lock().unwrap().push(format!("thaw {apps:?} {freeze_id} {reason:?}"));
-    }
-    fn list(&self) -> Vec<serde_json::Value> {
-        vec![]
-    }
-}
 
 /// An agent over three filesystems, /s/a /s/b /s/c, one level, and a vfat /s/vfat that
 /// cannot freeze (skipped by default).
@@ -93,23 +29,7 @@ struct Rig {
 }
 
 fn config(dir: &Path) -> Config {
-    let mi = dir.join("mountinfo");
-    std::fs::write(
-        &mi,
-        "10 1 7:0 / /s/a rw - ext4 /dev/loop0 rw\n11 1 7:1 / /s/b rw - xfs /dev/loop1 rw\n\
-         12 1 7:2 / /s/c rw - ext4 /dev/loop2 rw\n13 1 7:3 / /s/vfat rw - vfat /dev/loop3 rw\n",
-    )
-    .unwrap();
-    Config {
-        scope: "/s".into(),
-        mountinfo: mi,
-        sysfs: dir.join("sys"),
-        state_dir: dir.join("state"),
-        hooks_dirs: vec![],
-        freeze_deadline: DEADLINE.as_secs_f64(),
-        channel_drop_grace: GRACE.as_secs_f64(),
-        ..Config::default()
-    }
+    Config { channel_drop_grace: GRACE.as_secs_f64(), ..testkit::config(dir, DEADLINE) }
 }
 
 fn rig_with(kernel: Arc<FakeKernel>, apps: Option<FakeApps>) -> Rig {
