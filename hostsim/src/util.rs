@@ -103,6 +103,19 @@ pub fn test_fault(point: &str) -> bool {
     std::env::var(TEST_FAULT_ENV).is_ok_and(|v| v.split(',').any(|p| p.trim() == point))
 }
 
+/// **Test only**: when `VMCTL_TEST_FAULT` names `halt-at-POINT`, vmctl prints
+/// `vmctl: halted at POINT` on stderr and stops there for good, so that a VM-tier test can
+/// SIGKILL it at exactly that step of a backup (`halt-at-targets`, `halt-at-frozen`,
+/// `halt-at-transaction`, `halt-at-finish`). Nothing else sets it.
+pub fn test_halt(point: &str) {
+    if test_fault(&format!("halt-at-{point}")) {
+        eprintln!("vmctl: halted at {point} ({TEST_FAULT_ENV})");
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

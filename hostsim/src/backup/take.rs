@@ -228,6 +228,7 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
         // fsync and checksum of every file at once: the fsyncs wait for the disk (QEMU closed
         // the targets without flushing them, see `take`), the checksums for the CPU.
         info!("fsync and checksum of {} file(s)", manifest.disks.len());
+        util::test_halt("finish");
         let results: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = manifest
                 .disks
@@ -417,6 +418,7 @@ fn take(
     let mdisks = prepare_targets(c, qmp, attached)?;
     let ms = timings.since(step::TARGETS, t_targets);
     info!("target images: {} created and attached in {ms:.1} ms", mdisks.len());
+    util::test_halt("targets");
     // The transaction's actions, ready before the freeze.
     let mut actions = Vec::new();
     for (d, md) in disks.iter().zip(&mdisks) {
@@ -513,10 +515,12 @@ fn take(
                         a
                     })
                     .collect();
+                util::test_halt("frozen");
                 let t_txn = Instant::now();
                 t_copy = t_txn;
                 txn_result = qmp.execute("transaction", Some(json!({"actions": held}))).map(|_| ()).map_err(Into::into);
                 timings.since(step::TRANSACTION, t_txn);
+                util::test_halt("transaction");
                 let t_thaw = Instant::now();
                 let thaw = fz.thaw();
                 timings.since(step::THAW, t_thaw);
