@@ -1,6 +1,6 @@
 //! freeze-bench: vssd against qemu-ga and the raw FIFREEZE floor, on the same filesystems.
 //!
-//! For 1, 16 and 64 loop-mounted ext4 filesystems with 64 KiB of fresh dirty data in each
+//! For 1, 16 and 64 loop-mounted ext4 filesystems (`--counts`) with 64 KiB (`--dirty-kib`) of fresh dirty data in each
 //! before every cycle, it measures, as a client sees it, the freeze and the thaw of:
 //! raw FIFREEZE all in parallel (the floor), raw FIFREEZE one after another, qemu-ga's
 //! `guest-fsfreeze-freeze-list`, and vssd's `guest-fsfreeze-freeze-list`; medians over the
@@ -22,6 +22,8 @@ use serde_json::{json, Value};
 
 struct Opts {
     counts: Vec<usize>,
+    /// KiB of new dirty data put in each filesystem before every cycle.
+    dirty_kib: Vec<usize>,
     cycles: usize,
     json: bool,
     vssd: PathBuf,
@@ -33,8 +35,9 @@ struct Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: freeze-bench [--counts 1,16,64] [--cycles 15] [--json] [--vssd PATH] [--vssd-arg ARG]... [--dbus-compare]\n\
+        "usage: freeze-bench [--counts 1,16,64] [--dirty-kib 64] [--cycles 15] [--json] [--vssd PATH] [--vssd-arg ARG]... [--dbus-compare]\n\
          Measures vssd, qemu-ga and raw FIFREEZE on loop-mounted ext4 filesystems it creates. Needs root.\n\
+         --counts x --dirty-kib: every pair (e.g. --counts 16,64 --dirty-kib 1024,10240: the curve).\n\
          --dbus-compare: vssd with --no-dbus, with a private dbus-daemon, and with that bus SIGSTOPped, instead."
     );
     std::process::exit(2)
@@ -43,6 +46,7 @@ fn usage() -> ! {
 fn parse_opts() -> Opts {
     let mut o = Opts {
         counts: vec![1, 16, 64],
+        dirty_kib: vec![64],
         cycles: 15,
         json: false,
         vssd: default_vssd(),
@@ -54,6 +58,14 @@ fn parse_opts() -> Opts {
         match a.as_str() {
             "--counts" => {
                 o.counts = args
+                    .next()
+                    .unwrap_or_else(|| usage())
+                    .split(',')
+                    .map(|s| s.parse().unwrap_or_else(|_| usage()))
+                    .collect()
+            }
+            "--dirty-kib" => {
+                o.dirty_kib = args
                     .next()
                     .unwrap_or_else(|| usage())
                     .split(',')
@@ -92,18 +104,22 @@ struct Fleet {
     loops: Vec<String>,
     tmpfs: Vec<PathBuf>,
     children: Vec<Child>,
+    dirty_kib: usize,
 }
 
 impl Fleet {
-    fn new(n: usize) -> Result<Fleet, String> {
+    fn new(n: usize, dirty_kib: usize) -> Result<Fleet, String> {
         let dir = PathBuf::from(sh(&["mktemp", "-d", "/tmp/vssd-bench.XXXXXX"])?);
-        let mut f = Fleet { dir, mounts: vec![], loops: vec![], tmpfs: vec![], children: vec![] };
+        let mut f = Fleet { dir, mounts: vec![], loops: vec![], tmpfs: vec![], children: vec![], dirty_kib };
+        // Sparse images: room for the dirty file twice over (ext4 may keep the old blocks
+        // until the new ones are written) and the journal.
+        let size = format!("{}M", (64 + 2 * dirty_kib / 1024).max(64));
         std::fs::create_dir_all(f.dir.join("mnt")).map_err(|e| e.to_string())?;
         for i in 0..n {
             let img = f.dir.join(format!("fs{i}.img"));
             let mnt = f.dir.join(format!("mnt/fs{i}"));
             std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
-            sh(&["truncate", "-s", "64M", img.to_str().unwrap()])?;
+            sh(&["truncate", "-s", &size, img.to_str().unwrap()])?;
             sh(&["mkfs.ext4", "-q", "-F", img.to_str().unwrap()])?;
             let dev = sh(&["losetup", "-f", "--show", img.to_str().unwrap()])?;
             f.loops.push(dev.clone());
@@ -117,9 +133,9 @@ impl Fleet {
         self.dir.join("mnt")
     }
 
-    /// 64 KiB of new dirty data in every filesystem (not synced: the freeze must write it).
+    /// `dirty_kib` (default 64 KiB) of new dirty data in every filesystem (not synced: the freeze must write it).
     fn dirty(&self, round: usize) {
-        let block = vec![(round % 251) as u8; 64 * 1024];
+        let block = vec![(round % 251) as u8; self.dirty_kib * 1024];
         for m in &self.mounts {
             std::fs::write(m.join("dirty"), &block).expect("write dirty data");
         }
@@ -176,12 +192,29 @@ impl Qga {
     }
 }
 
+/// A process's memory (KiB) from /proc/PID/smaps_rollup, the same reading for both agents:
+/// resident (what `ps` shows), proportional (shared pages split among their users, so libc
+/// counts a little) and private (pages only this process has: what it really costs).
+#[derive(Clone, Copy)]
+struct Mem {
+    rss: u64,
+    pss: u64,
+    private: u64,
+}
+
+fn mem_kib(pid: u32) -> Mem {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Mem { rss: field("Rss:"), pss: field("Pss:"), private: field("Private_Clean:") + field("Private_Dirty:") }
+}
+
 fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    mem_kib(pid).rss
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -289,8 +322,8 @@ fn wait_on_bus(address: &str) -> Result<(), String> {
 }
 
 /// vssd without D-Bus, with a bus, with a hung (SIGSTOPped) bus: freeze and thaw medians.
-fn run_dbus_compare(o: &Opts, n: usize) -> Result<Value, String> {
-    let mut fleet = Fleet::new(n)?;
+fn run_dbus_compare(o: &Opts, n: usize, dirty_kib: usize) -> Result<Value, String> {
+    let mut fleet = Fleet::new(n, dirty_kib)?;
     let state = fleet.dir.join("state");
     std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
     sh(&["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "vssd-bench-state", state.to_str().unwrap()])?;
@@ -352,6 +385,7 @@ fn run_dbus_compare(o: &Opts, n: usize) -> Result<Value, String> {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(hung_pid as i32), nix::sys::signal::Signal::SIGCONT);
     Ok(json!({
         "filesystems": n,
+        "dirty-kib-each": dirty_kib,
         "cycles": o.cycles,
         "median": subjects,
         "ratios": {
@@ -366,7 +400,10 @@ fn run_dbus_compare(o: &Opts, n: usize) -> Result<Value, String> {
 
 fn print_dbus_text(r: &Value) {
     let m = &r["median"];
-    println!("== D-Bus: {} ext4 filesystems, 64 KiB dirty each, median of {} cycles ==", r["filesystems"], r["cycles"]);
+    println!(
+        "== D-Bus: {} ext4 filesystems, {} KiB dirty each, median of {} cycles ==",
+        r["filesystems"], r["dirty-kib-each"], r["cycles"]
+    );
     println!("{:<16} {:>12} {:>10}", "vssd", "freeze ms", "thaw ms");
     for s in ["no-dbus", "dbus", "hung-dbus"] {
         println!("{:<16} {:>12.2} {:>10.2}", s, m[s]["freeze-ms"].as_f64().unwrap(), m[s]["thaw-ms"].as_f64().unwrap());
@@ -383,11 +420,11 @@ fn print_dbus_text(r: &Value) {
     println!("idle RSS: no-dbus {} KiB, dbus {} KiB\n", rss["no-dbus-idle"], rss["dbus-idle"]);
 }
 
-fn run_count(o: &Opts, n: usize) -> Result<Value, String> {
+fn run_count(o: &Opts, n: usize, dirty_kib: usize) -> Result<Value, String> {
     if o.dbus_compare {
-        return run_dbus_compare(o, n);
+        return run_dbus_compare(o, n, dirty_kib);
     }
-    let mut fleet = Fleet::new(n)?;
+    let mut fleet = Fleet::new(n, dirty_kib)?;
     // vssd's state directory is /run/vssd on a real guest: a tmpfs. Give it one here too.
     let state = fleet.dir.join("state");
     std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
@@ -420,8 +457,9 @@ fn run_count(o: &Opts, n: usize) -> Result<Value, String> {
     let mut v = Qga::connect(&sock_v)?;
     let mut q = Qga::connect(&sock_q)?;
     std::thread::sleep(Duration::from_millis(300));
-    let idle_v = rss_kib(vpid);
-    let idle_q = rss_kib(qpid);
+    // Both agents have been connected and have answered (Qga::connect syncs), then idle alike.
+    let (mem_v, mem_q) = (mem_kib(vpid), mem_kib(qpid));
+    let (idle_v, idle_q) = (mem_v.rss, mem_q.rss);
 
     let list: Value = fleet.mounts.iter().map(|m| Value::from(m.display().to_string())).collect();
     let names = ["raw-parallel", "raw-sequential", "qemu-ga", "vssd"];
@@ -455,6 +493,7 @@ fn run_count(o: &Opts, n: usize) -> Result<Value, String> {
     }
     Ok(json!({
         "filesystems": n,
+        "dirty-kib-each": dirty_kib,
         "cycles": o.cycles,
         "median": subjects,
         "ratios": {
@@ -463,6 +502,15 @@ fn run_count(o: &Opts, n: usize) -> Result<Value, String> {
             "vssd/qemu-ga freeze+thaw": (f[3] + t[3]) / (f[2] + t[2]),
         },
         "rss-kib": {"vssd-idle": idle_v, "qemu-ga-idle": idle_q, "vssd-after": after_v, "qemu-ga-after": after_q},
+        "idle-kib": {
+            "vssd": {"rss": mem_v.rss, "pss": mem_v.pss, "private": mem_v.private},
+            "qemu-ga": {"rss": mem_q.rss, "pss": mem_q.pss, "private": mem_q.private},
+            "ratios": {
+                "rss": mem_v.rss as f64 / mem_q.rss as f64,
+                "pss": mem_v.pss as f64 / mem_q.pss as f64,
+                "private": mem_v.private as f64 / mem_q.private as f64,
+            },
+        },
     }))
 }
 
@@ -473,8 +521,9 @@ fn main() {
         std::process::exit(2);
     }
     let mut results = Vec::new();
-    for &n in &o.counts {
-        match run_count(&o, n) {
+    let grid: Vec<(usize, usize)> = o.counts.iter().flat_map(|&n| o.dirty_kib.iter().map(move |&d| (n, d))).collect();
+    for &(n, dirty_kib) in &grid {
+        match run_count(&o, n, dirty_kib) {
             Ok(r) => {
                 if !o.json {
                     if o.dbus_compare {
@@ -486,7 +535,7 @@ fn main() {
                 results.push(r);
             }
             Err(e) => {
-                eprintln!("freeze-bench: {n} filesystems: {e}");
+                eprintln!("freeze-bench: {n} filesystems, {dirty_kib} KiB dirty each: {e}");
                 std::process::exit(1);
             }
         }
@@ -498,7 +547,10 @@ fn main() {
 
 fn print_text(r: &Value) {
     let m = &r["median"];
-    println!("== {} ext4 filesystems, 64 KiB dirty each, median of {} cycles ==", r["filesystems"], r["cycles"]);
+    println!(
+        "== {} ext4 filesystems, {} KiB dirty each, median of {} cycles ==",
+        r["filesystems"], r["dirty-kib-each"], r["cycles"]
+    );
     println!("{:<16} {:>12} {:>10}", "subject", "freeze ms", "thaw ms");
     for s in ["raw-parallel", "raw-sequential", "qemu-ga", "vssd"] {
         println!("{:<16} {:>12.2} {:>10.2}", s, m[s]["freeze-ms"].as_f64().unwrap(), m[s]["thaw-ms"].as_f64().unwrap());
@@ -518,5 +570,18 @@ fn print_text(r: &Value) {
         rss["vssd-idle"].as_f64().unwrap() / rss["qemu-ga-idle"].as_f64().unwrap(),
         rss["vssd-after"],
         rss["qemu-ga-after"]
+    );
+    let m = &r["idle-kib"];
+    println!(
+        "idle memory (smaps_rollup), vssd / qemu-ga: RSS {} / {} KiB ({:.2}x), PSS {} / {} KiB ({:.2}x), private {} / {} KiB ({:.2}x)\n",
+        m["vssd"]["rss"],
+        m["qemu-ga"]["rss"],
+        m["ratios"]["rss"].as_f64().unwrap_or(f64::NAN),
+        m["vssd"]["pss"],
+        m["qemu-ga"]["pss"],
+        m["ratios"]["pss"].as_f64().unwrap_or(f64::NAN),
+        m["vssd"]["private"],
+        m["qemu-ga"]["private"],
+        m["ratios"]["private"].as_f64().unwrap_or(f64::NAN),
     );
 }

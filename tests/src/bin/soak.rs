@@ -10,7 +10,9 @@
 //! What is measured, and the allowances: the baseline is taken after `--warmup` cycles (the
 //! allocator and tokio's blocking pool settle in the first ones); at the end vssd may have no
 //! more file descriptors than at the baseline, at most 4 more threads (tokio's blocking
-//! threads live 10 s after their last job), and at most 2 MiB more resident memory.
+//! threads live 10 s after their last job), and at most 2 MiB more resident memory; and from
+//! the middle of the run to its end resident memory may grow by at most 256 KiB (a flat line:
+//! a leak keeps rising, an allocator settles early). RSS is printed every tenth of the run.
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -27,6 +29,8 @@ use tests::*;
 const FD_ALLOWANCE: i64 = 0;
 const THREAD_ALLOWANCE: i64 = 4;
 const RSS_ALLOWANCE_KIB: i64 = 2048;
+/// From the middle of the run to its end: flat, but for a page or two of allocator slack.
+const SECOND_HALF_RSS_ALLOWANCE_KIB: i64 = 256;
 
 struct Opts {
     cycles: usize,
@@ -178,11 +182,18 @@ fn main() {
     let mut failures: Vec<String> = Vec::new();
     let (mut freeze_ms, mut thaw_ms) = (Vec::with_capacity(o.cycles), Vec::with_capacity(o.cycles));
     let mut base = usage_of(vssd.pid());
+    // RSS (KiB) after the warm-up and then every tenth of the run: a leak is a line that keeps
+    // rising, the allocator settling is a step early on and then flat.
+    let every = (o.cycles / 10).max(1);
+    let mut samples: Vec<(usize, i64)> = Vec::new();
     let started = Instant::now();
     let n = dirs.len() as u64;
     for cycle in 0..o.warmup + o.cycles {
         if cycle == o.warmup {
             base = usage_of(vssd.pid());
+        }
+        if cycle >= o.warmup && (cycle - o.warmup).is_multiple_of(every) {
+            samples.push((cycle - o.warmup, usage_of(vssd.pid()).rss_kib));
         }
         let t = Instant::now();
         let f = c.call("guest-fsfreeze-freeze", None);
@@ -212,6 +223,7 @@ fn main() {
     // Lets the last THAWs reach the apps (threads get an allowance instead of a 10 s wait).
     thread::sleep(Duration::from_millis(200));
     let end = usage_of(vssd.pid());
+    samples.push((o.cycles, end.rss_kib));
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         let _ = w.join();
@@ -233,6 +245,13 @@ fn main() {
             failures.push(format!("vssd's {what} grew from {b} to {e} (allowed: +{allowed})"));
         }
     }
+    let mid = samples.iter().find(|(c, _)| *c >= o.cycles / 2).map(|s| s.1).unwrap_or(end.rss_kib);
+    if mid < 0 || end.rss_kib - mid > SECOND_HALF_RSS_ALLOWANCE_KIB {
+        failures.push(format!(
+            "vssd's resident memory still grew in the second half: {mid} -> {} KiB (allowed: +{SECOND_HALF_RSS_ALLOWANCE_KIB})",
+            end.rss_kib
+        ));
+    }
     let report = json!({
         "cycles": o.cycles,
         "warmup": o.warmup,
@@ -244,6 +263,8 @@ fn main() {
         "thaw-ms": stats(&mut thaw_ms),
         "vssd-start": {"fds": base.fds, "threads": base.threads, "rss-kib": base.rss_kib},
         "vssd-end": {"fds": end.fds, "threads": end.threads, "rss-kib": end.rss_kib},
+        "rss-kib-middle": mid,
+        "rss-kib-samples": samples.iter().map(|(c, r)| json!([c, r])).collect::<Vec<_>>(),
         "failures": failures,
     });
     if o.json {
@@ -267,6 +288,8 @@ fn main() {
             "  vssd       fds {} -> {}   threads {} -> {}   rss {} -> {} KiB",
             base.fds, end.fds, base.threads, end.threads, base.rss_kib, end.rss_kib
         );
+        let line: Vec<String> = samples.iter().map(|(c, r)| format!("{c}:{r}")).collect();
+        println!("  rss KiB by cycle (start, middle {mid}, end {}): {}", end.rss_kib, line.join(" "));
         for f in report["failures"].as_array().unwrap() {
             println!("  FAILED: {}", f.as_str().unwrap());
         }
