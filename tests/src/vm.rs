@@ -116,6 +116,9 @@ pub struct VmOpts {
     /// Each data disk gets the serial `vmtest-NAME` (`data`, `data2`), and the guest's init
     /// writes it to udev's database as udev would (`ID_SERIAL`), where both agents read it.
     pub serials: bool,
+    /// More disks (`NAME`, image to import), after the guest's data disks: the guest does not
+    /// mount them; for host-side work such as backup-bench's big disk.
+    pub extra_disks: Vec<(String, PathBuf)>,
 }
 
 /// The MAC address of the guest's NIC ([`VmOpts::nic`]).
@@ -138,6 +141,7 @@ impl Default for VmOpts {
             nic: false,
             qemu_ga_port: false,
             serials: false,
+            extra_disks: Vec::new(),
         }
     }
 }
@@ -236,7 +240,7 @@ impl TestVm {
             "org.vssd.acks.0=file".into(),
             "--qemu-arg=-no-reboot".into(),
         ];
-        for (n, p) in &g.disks {
+        for (n, p) in g.disks.iter().chain(&opts.extra_disks) {
             args.push("--disk".into());
             args.push(format!("{n}={}", p.display()));
         }

@@ -390,3 +390,58 @@ fn a_full_target_is_a_clear_error_with_the_guest_thawed_and_nothing_listed() {
         .collect();
     assert!(errs.is_empty(), "guest writers saw errors: {errs:?}");
 }
+
+#[test]
+#[ignore = "vm tier: needs root and QEMU; tests/run-all.sh runs it"]
+fn one_flipped_byte_in_a_backed_up_image_fails_verify() {
+    require_vm!();
+    let vm = TestVm::boot("flipped", VmOpts::default());
+    vm.wait_acks("e3", 10, Duration::from_secs(30));
+    vm.sh("dd if=/dev/urandom of=/data/db/blob bs=1M count=8 2>/dev/null && sync");
+    let v = vm.vmctl_json(&["backup", "flipped"], 0);
+    let dir = backup_dir(&v);
+    let verify = vm.vmctl_json(&["backup".as_ref(), "verify".as_ref(), "--no-fsck".as_ref(), dir.as_os_str()], 0);
+    assert_eq!(verify["ok"], true, "the backup as taken verifies: {verify}");
+
+    // A byte in the middle of the largest data extent of data.qcow2 (the guest's random
+    // data): the image stays a valid qcow2, only the checksum can tell.
+    let img = dir.join("data.qcow2");
+    let map: Value = serde_json::from_str(&run(
+        "qemu-img",
+        &["map".as_ref(), "--output=json".as_ref(), "-f".as_ref(), "qcow2".as_ref(), img.as_os_str()],
+    ))
+    .unwrap();
+    let extent = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true && e["offset"].is_u64())
+        .max_by_key(|e| e["length"].as_u64().unwrap())
+        .unwrap_or_else(|| panic!("data.qcow2 has data: {map}"));
+    let at = extent["offset"].as_u64().unwrap() + extent["length"].as_u64().unwrap() / 2;
+    let flip = |img: &Path| {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(img).unwrap();
+        let mut b = [0u8; 1];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&[b[0] ^ 0x80]).unwrap();
+    };
+    flip(&img);
+    let verify = vm.vmctl_json(&["backup".as_ref(), "verify".as_ref(), "--no-fsck".as_ref(), dir.as_os_str()], 5);
+    assert_eq!(verify["ok"], false, "a flipped byte at {at} fails verify: {verify}");
+    let failed: Vec<&str> = verify["verify"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["what"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, [format!("checksum {}/data.qcow2", v["id"].as_str().unwrap())], "{verify}");
+
+    // Flipped back, it verifies again: the checksum is the image's, byte for byte.
+    flip(&img);
+    let verify = vm.vmctl_json(&["backup".as_ref(), "verify".as_ref(), "--no-fsck".as_ref(), dir.as_os_str()], 0);
+    assert_eq!(verify["ok"], true, "{verify}");
+}

@@ -187,3 +187,64 @@ pub(crate) fn wait_jobs(
     }
     result
 }
+
+/// Writes the targets back to disk while QEMU is still copying into them: a thread per file
+/// runs `fdatasync` again and again, so the disk writes what the job has put in the page
+/// cache so far instead of all of it after the copy, and the fsync that makes the backup
+/// durable (still done in full before the manifest exists) has only the tail left. The pages
+/// stay cached, so the checksum after the copy still reads from memory. Stopped on drop.
+pub(crate) struct Writeback {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writeback {
+    /// Starts following `files` (targets already created). A file that cannot be opened is
+    /// skipped: the final fsync opens it again and reports the error.
+    pub(crate) fn start(files: &[std::path::PathBuf]) -> Writeback {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = files
+            .iter()
+            .filter_map(|p| {
+                let f = std::fs::File::open(p).ok()?;
+                let stop = stop.clone();
+                std::thread::Builder::new()
+                    .name("vmctl-writeback".into())
+                    .spawn(move || {
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let t = Instant::now();
+                            if f.sync_data().is_err() {
+                                return;
+                            }
+                            // Nothing was dirty: do not spin on the disk's cache flush.
+                            if t.elapsed() < Duration::from_millis(20) {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                        }
+                    })
+                    .ok()
+            })
+            .collect();
+        Writeback { stop, threads }
+    }
+
+    /// Tells the threads to stop after the fdatasync each is in, without waiting for them:
+    /// what they still write back, the final fsync would have to.
+    pub(crate) fn signal(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops the threads and waits for them.
+    pub(crate) fn stop(&mut self) {
+        self.signal();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

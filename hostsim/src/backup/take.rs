@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use tracing::{debug, info};
 
 use super::disks::{parent_disk, query_disks, SourceDisk};
-use super::jobs::{clean_up_after_a_dead_vmctl, remove_partials, resume_after_io_error, wait_jobs, Attached};
+use super::jobs::{
+    clean_up_after_a_dead_vmctl, remove_partials, resume_after_io_error, wait_jobs, Attached, Writeback,
+};
 use super::manifest::{list, Manifest, ManifestDisk, QuiesceReport, FORMAT, MANIFEST};
 use super::{io_err, step, BackupError, BackupOutcome, BackupRequest, Consistency, BITMAP_PREFIX, HELD_SPEED};
 use crate::hash;
@@ -187,7 +189,7 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
         t_start,
     };
     let result = take(&ctx, &mut qmp, &mut attached, agent);
-    let (mut manifest, copied, t_finish) = match result {
+    let (mut manifest, copied, t_finish, mut writeback) = match result {
         Ok(x) => x,
         Err(e) => {
             info!("backup failed: {e}; cleaning up");
@@ -282,6 +284,7 @@ pub fn run(req: &BackupRequest) -> Result<BackupOutcome, BackupError> {
         info!("manifest written: {}", dest.display());
         Ok(())
     })();
+    writeback.stop();
     if let Err(e) = finish {
         let _ = std::fs::remove_dir_all(&partial);
         return Err(match e {
@@ -404,13 +407,14 @@ fn prepare_targets(c: &Take, qmp: &mut Qmp, attached: &mut Attached) -> Result<V
 }
 
 /// Prepare → quiesce → transaction → thaw → copy. Returns the manifest (without checksums),
-/// the bytes each job copied, and when the copy ended (the start of `finish`).
+/// the bytes each job copied, when the copy ended (the start of `finish`), and the targets'
+/// writeback, told to stop (joined once the final fsyncs are done).
 fn take(
     c: &Take,
     qmp: &mut Qmp,
     attached: &mut Attached,
     agent_task: Option<std::thread::JoinHandle<AgentReady>>,
-) -> Result<(Manifest, Vec<u64>, Instant), BackupError> {
+) -> Result<(Manifest, Vec<u64>, Instant, Writeback), BackupError> {
     let (req, disks, parent) = (c.req, c.disks, c.parent);
     let mut timings = Timings::new(step::ALL);
     // Target images and nodes, before anything touches the guest.
@@ -579,11 +583,15 @@ fn take(
     }
 
     // Copy. The jobs started with the transaction (they ran on during the thaw); the copy is
-    // done when they concluded and the targets are closed (blockdev-del).
+    // done when they concluded and the targets are closed (blockdev-del). Meanwhile the
+    // targets are written back to disk as they fill (see `Writeback`).
+    let files: Vec<PathBuf> = mdisks.iter().map(|d| c.partial.join(&d.file)).collect();
+    let writeback = Writeback::start(&files);
     let copied = wait_jobs(req, qmp, disks, &attached.jobs.clone()).map_err(|e| match e {
         BackupError::Qmp(q) if q.is_closed() => BackupError::QemuGone { stage: "while copying".into() },
         e => e,
     })?;
+    writeback.signal();
     for j in attached.jobs.drain(..) {
         qmp.execute("job-dismiss", Some(json!({"id": j})))?;
     }
@@ -614,7 +622,7 @@ fn take(
         vm_config: req.vm_config.clone(),
         vmctl_version: env!("CARGO_PKG_VERSION").into(),
     };
-    Ok((manifest, copied, t_finish))
+    Ok((manifest, copied, t_finish, writeback))
 }
 
 /// True when vssd's report says registered applications held the freeze (appvss, issue 3):
