@@ -67,6 +67,10 @@ pub struct Cli {
     /// (`backup --all`).
     #[arg(long, env = "VMCTL_CONNECT", global = true, value_name = "URI", conflicts_with = "qmp")]
     pub(crate) connect: Vec<String>,
+    /// libvirt mode, `backup`: pull mode. libvirt's QEMU serves each disk over NBD (TCP, on
+    /// the URI's host) and vmctl copies it into --target on this machine: for a remote host.
+    #[arg(long, global = true)]
+    pub(crate) pull: bool,
     /// Machine-readable output (one JSON document on stdout).
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -316,6 +320,9 @@ pub(crate) fn run(cli: &Cli) -> Result<u8, Fail> {
     #[cfg(feature = "libvirt")]
     if let Some(r) = virt::run(cli) {
         return r;
+    }
+    if cli.pull && cli.connect.is_empty() {
+        return Err(Fail::new("--pull is for libvirt's domains (with --connect URI)", 2));
     }
     #[cfg(not(feature = "libvirt"))]
     if !cli.connect.is_empty() {

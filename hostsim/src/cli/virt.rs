@@ -128,11 +128,12 @@ fn fsfreeze(cli: &Cli, d: &Dom, deadline: f64, mountpoints: &[String]) -> Result
     Ok(0)
 }
 
-fn request(b: &BackupCmd, uri: &str, domain: &str, target: PathBuf) -> Request {
+fn request(b: &BackupCmd, pull: bool, uri: &str, domain: &str, target: PathBuf) -> Request {
     Request {
         uri: uri.to_string(),
         domain: domain.to_string(),
         target,
+        pull,
         incremental: b.incremental,
         quiesce: b.quiesce,
         freeze_deadline: Duration::from_secs_f64(b.freeze_deadline),
@@ -179,7 +180,7 @@ fn backup(cli: &Cli, b: &BackupCmd) -> Result<u8, Fail> {
     if cli.connect.len() > 1 {
         return Err(Fail::new("one domain is on one host: give one --connect URI (several go with --all)", 2));
     }
-    let o = lvbackup::run(&request(b, &cli.connect[0], name, target.clone()))?;
+    let o = lvbackup::run(&request(b, cli.pull, &cli.connect[0], name, target.clone()))?;
     let verified = if b.verify { Some(hostsim::backup::verify(&o.dir, true)?) } else { None };
     let v = outcome_json(&o, verified.as_ref());
     let m = &o.manifest;
@@ -238,7 +239,7 @@ fn backup_all(cli: &Cli, b: &BackupCmd, target: &std::path::Path) -> Result<u8, 
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some((uri, dom)) = jobs.get(i) else { break };
-                let v = match lvbackup::run(&request(b, uri, dom, target.join(dom))) {
+                let v = match lvbackup::run(&request(b, cli.pull, uri, dom, target.join(dom))) {
                     Ok(o) => {
                         let verified = if b.verify { hostsim::backup::verify(&o.dir, true).ok() } else { None };
                         outcome_json(&o, verified.as_ref())

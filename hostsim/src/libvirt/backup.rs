@@ -45,8 +45,11 @@ pub struct Request {
     pub uri: String,
     /// The domain.
     pub domain: String,
-    /// Where backups go (on the host that runs the domain: push mode).
+    /// Where backups go: on the host that runs the domain in push mode, on vmctl's in pull mode.
     pub target: PathBuf,
+    /// Pull mode: libvirt's QEMU serves each disk's point-in-time view over NBD (TCP, on the
+    /// host of the URI) and vmctl copies it into the target, which can be on another host.
+    pub pull: bool,
     /// Copy only what changed since the last backup of the domain in `target`.
     pub incremental: bool,
     /// Quiesce policy.
@@ -195,25 +198,139 @@ fn ensure_checkpoints(dom: &Dom, target: &Path, pm: &Manifest) -> Result<(), Err
     Ok(())
 }
 
-/// The backup's XML (push mode, a qcow2 file per disk) and its checkpoint's XML.
-fn job_xml(id: &str, disks: &[super::DomainDisk], dir: &Path, parent: Option<&str>) -> (String, String) {
-    let mut b = String::from("<domainbackup mode='push'>\n");
-    if let Some(p) = parent {
+/// The backup's XML (push mode: a qcow2 file per disk; pull mode: an NBD server on
+/// `nbd_host`, a scratch file per disk for the point-in-time view) and its checkpoint's XML.
+fn job_xml(
+    id: &str,
+    disks: &[super::DomainDisk],
+    dir: &Path,
+    parent: Option<&str>,
+    nbd_host: Option<(&str, u16)>,
+) -> (String, String) {
+    let mut b = match nbd_host {
+        // libvirt wants the port ("must specify TCP port for now").
+        Some((h, port)) => {
+            format!("<domainbackup mode='pull'>\n  <server transport='tcp' name='{h}' port='{port}'/>\n")
+        }
+        None => String::from("<domainbackup mode='push'>\n"),
+    };
+    // A pull job exports whole disks; vmctl makes the incremental itself (see [`pull_copy`]).
+    if let (Some(p), None) = (parent, nbd_host) {
         b.push_str(&format!("  <incremental>{p}</incremental>\n"));
     }
     b.push_str("  <disks>\n");
     let mut c = format!("<domaincheckpoint>\n  <name>{id}</name>\n  <disks>\n");
     for d in disks {
+        let (elem, file) = match nbd_host {
+            Some(_) => ("scratch", dir.join(format!(".{}.scratch", d.dev))),
+            None => ("target", dir.join(format!("{}.qcow2", d.dev))),
+        };
         b.push_str(&format!(
-            "    <disk name='{}' backup='yes' type='file'>\n      <driver type='qcow2'/>\n      <target file='{}'/>\n    </disk>\n",
+            "    <disk name='{}' backup='yes' type='file'>\n      <driver type='qcow2'/>\n      <{elem} file='{}'/>\n    </disk>\n",
             d.dev,
-            dir.join(format!("{}.qcow2", d.dev)).display()
+            file.display()
         ));
         c.push_str(&format!("    <disk name='{}' checkpoint='bitmap'/>\n", d.dev));
     }
     b.push_str("  </disks>\n</domainbackup>\n");
     c.push_str("  </disks>\n</domaincheckpoint>\n");
     (b, c)
+}
+
+/// The host QEMU's NBD server listens on in pull mode: the URI's host (the domain's host, as
+/// vmctl reaches it), or loopback for a local URI (`qemu:///system`).
+pub fn nbd_host(uri: &str) -> String {
+    let rest = uri.split_once("://").map(|(_, r)| r).unwrap_or("");
+    let auth = rest.split(['/', '?']).next().unwrap_or("");
+    let hostport = auth.rsplit_once('@').map(|(_, h)| h).unwrap_or(auth);
+    let host = if let Some(v6) = hostport.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        hostport.split(':').next().unwrap_or("")
+    };
+    if host.is_empty() {
+        "127.0.0.1".into()
+    } else {
+        host.to_string()
+    }
+}
+
+/// The NBD server's port: a free one on loopback for a local URI, else 10809 (NBD's port, the
+/// first of libvirt's backup range).
+fn nbd_port(host: &str) -> u16 {
+    if host == "127.0.0.1" {
+        if let Ok(port) = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()) {
+            return port;
+        }
+    }
+    10809
+}
+
+/// The NBD server and each disk's export of a running pull job, from `backup-dumpxml`.
+/// (disk name, NBD export name) of each disk a pull job serves.
+type Exports = Vec<(String, String)>;
+
+fn pull_exports(xml: &str) -> Result<(String, u16, Exports), String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| e.to_string())?;
+    let server = doc.descendants().find(|n| n.has_tag_name("server")).ok_or("no <server> in the job")?;
+    let host = server.attribute("name").ok_or("the server has no name")?.to_string();
+    let port = server.attribute("port").and_then(|p| p.parse().ok()).ok_or("the server has no port")?;
+    let mut exports = Vec::new();
+    for d in doc.descendants().filter(|n| n.has_tag_name("disk") && n.attribute("backup") != Some("no")) {
+        let name = d.attribute("name").ok_or("a disk has no name")?;
+        exports.push((name.to_string(), d.attribute("exportname").unwrap_or(name).to_string()));
+    }
+    Ok((host, port, exports))
+}
+
+/// Ends a pull job (`domjobabort`, the normal end of one) on every path, and waits until
+/// libvirt has let the job go.
+struct PullJob<'a> {
+    dom: &'a Dom,
+}
+
+impl Drop for PullJob<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.dom.virsh(&["domjobabort", "{}"]) {
+            tracing::warn!("ending the pull job: {e}");
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            match self.dom.job() {
+                Ok((kind, _)) if kind != virt::sys::VIR_DOMAIN_JOB_NONE as i32 => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Copies each disk of a running pull job from its NBD export into `partial`: a full is a
+/// standalone qcow2 (`qemu-img convert`, holes and zeros skipped); an incremental is an
+/// overlay on the export rebased (safe mode) onto the parent's file, which keeps exactly the
+/// clusters that differ from the parent.
+fn pull_copy(dom: &Dom, disks: &[super::DomainDisk], partial: &Path, parent: Option<&Manifest>) -> Result<(), Error> {
+    let xml = dom.virsh(&["backup-dumpxml", "{}"])?;
+    let (host, port, exports) =
+        pull_exports(&xml).map_err(|detail| LibvirtError::Xml { name: dom.name.clone(), detail })?;
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    for d in disks {
+        let export = exports.iter().find(|(n, _)| *n == d.dev).map(|(_, e)| e.as_str()).unwrap_or(&d.dev);
+        let url = format!("nbd://{host}:{port}/{export}");
+        let file = partial.join(format!("{}.qcow2", d.dev));
+        let f = file.to_str().unwrap_or("");
+        info!("pulling {} from {url}", d.dev);
+        match parent {
+            None => qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &url, f])?,
+            Some(pm) => {
+                qemu_img(&["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &url, f])?;
+                let b = format!("../{}/{}.qcow2", pm.id, d.dev);
+                qemu_img(&["rebase", "-f", "qcow2", "-F", "qcow2", "-b", &b, f])?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -230,7 +347,10 @@ fn take(
     t_start: Instant,
 ) -> Result<Manifest, Error> {
     let mut timings = Timings::new(step::ALL);
-    let (bxml, cxml) = job_xml(id, disks, partial, parent.map(|(_, m)| m.id.as_str()));
+    let nbd = req.pull.then(|| nbd_host(&req.uri));
+    let port = nbd.as_deref().map(nbd_port).unwrap_or(0);
+    let (bxml, cxml) =
+        job_xml(id, disks, partial, parent.map(|(_, m)| m.id.as_str()), nbd.as_deref().map(|h| (h, port)));
     let bpath = partial.join(".backup.xml");
     let cpath = partial.join(".checkpoint-in.xml");
     std::fs::write(&bpath, &bxml).map_err(io("cannot write the backup XML"))?;
@@ -299,8 +419,19 @@ fn take(
     }
     begun?;
 
-    // The copy.
-    let copied = wait_for_job(dom).inspect_err(|_| {
+    // The copy: libvirt's QEMU writes it (push), or vmctl reads it over NBD (pull).
+    let copied = if req.pull {
+        let job = PullJob { dom };
+        let r = pull_copy(dom, disks, partial, parent.map(|(_, pm)| pm));
+        drop(job);
+        for d in disks {
+            let _ = std::fs::remove_file(partial.join(format!(".{}.scratch", d.dev)));
+        }
+        r.map(|()| 0)
+    } else {
+        wait_for_job(dom)
+    }
+    .inspect_err(|_| {
         let _ = dom.virsh(&["checkpoint-delete", "{}", id]);
     })?;
     // As for vmctl's own VMs: the copy begins with the transaction (here, backup-begin).
@@ -448,11 +579,35 @@ mod tests {
     #[test]
     fn an_incremental_job_names_its_parent_checkpoint_and_makes_one_of_its_own() {
         let disks = vec![super::super::DomainDisk { dev: "vda".into(), source: "/a".into(), format: "qcow2".into() }];
-        let (b, c) = job_xml("d-1-inc", &disks, Path::new("/t/.partial-d-1-inc"), Some("d-0-full"));
+        let (b, c) = job_xml("d-1-inc", &disks, Path::new("/t/.partial-d-1-inc"), Some("d-0-full"), None);
         assert!(b.contains("<incremental>d-0-full</incremental>"), "{b}");
         assert!(b.contains("<target file='/t/.partial-d-1-inc/vda.qcow2'/>"), "{b}");
         assert!(c.contains("<name>d-1-inc</name>") && c.contains("<disk name='vda' checkpoint='bitmap'/>"), "{c}");
         roxmltree::Document::parse(&b).unwrap();
         roxmltree::Document::parse(&c).unwrap();
+    }
+
+    #[test]
+    fn a_pull_job_serves_nbd_on_the_uris_host_with_a_scratch_file_per_disk() {
+        let disks = vec![super::super::DomainDisk { dev: "vda".into(), source: "/a".into(), format: "qcow2".into() }];
+        let (b, _) = job_xml("d-1-inc", &disks, Path::new("/t/.p"), Some("d-0-full"), Some(("h1", 10809)));
+        assert!(
+            b.starts_with("<domainbackup mode='pull'>")
+                && b.contains("<server transport='tcp' name='h1' port='10809'/>"),
+            "{b}"
+        );
+        assert!(b.contains("<scratch file='/t/.p/.vda.scratch'/>") && !b.contains("<incremental>"), "{b}");
+        roxmltree::Document::parse(&b).unwrap();
+        for (uri, host) in [
+            ("qemu:///system", "127.0.0.1"),
+            ("qemu+tcp://127.0.0.1:16599/system", "127.0.0.1"),
+            ("qemu+ssh://root@h2.example/system?keyfile=/k", "h2.example"),
+            ("qemu+tcp://[::1]:16509/system", "::1"),
+        ] {
+            assert_eq!(nbd_host(uri), host, "{uri}");
+        }
+        let dump = "<domainbackup mode='pull'><server transport='tcp' name='127.0.0.1' port='10809'/>\
+            <disks><disk name='vda' backup='yes' type='file' exportname='vda'/><disk name='sda' backup='no'/></disks></domainbackup>";
+        assert_eq!(pull_exports(dump).unwrap(), ("127.0.0.1".into(), 10809, vec![("vda".into(), "vda".into())]));
     }
 }
