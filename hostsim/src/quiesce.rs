@@ -93,6 +93,35 @@ pub fn connect(path: &std::path::Path, timeout: Duration) -> Result<(Qga, AgentI
     Ok((g, info))
 }
 
+/// How long vssd keeps a preparation for the freeze that follows (it is cancelled then).
+pub const PREPARE_KEEP: Duration = Duration::from_secs(60);
+
+/// Announces the freeze to a vssd that knows `vssd-freeze-prepare`: it plans and sends the
+/// apps PREPARE now, while the host prepares its targets, so the freeze window holds only
+/// FREEZE + FIFREEZE. Any failure is only logged: the `vssd-freeze` that follows does the
+/// whole freeze then, as without a prepare (qemu-ga: nothing is sent).
+pub fn prepare(mut g: Qga, info: AgentInfo, timeout: Duration) -> (Qga, AgentInfo) {
+    if info.is_vssd && info.commands.iter().any(|c| c == "vssd-freeze-prepare") {
+        let t = Instant::now();
+        let args = json!({"deadline": PREPARE_KEEP.as_secs_f64()});
+        match g.command("vssd-freeze-prepare", Some(args), timeout.max(Duration::from_secs(10))) {
+            Ok(r) => tracing::info!(
+                "freeze prepared in {:.1} ms ({} app(s) ready)",
+                crate::util::ms(t.elapsed()),
+                r["ready"].as_u64().unwrap_or(0)
+            ),
+            Err(e) => {
+                tracing::info!("vssd-freeze-prepare failed ({e}); the freeze will do it all");
+                // A late answer must not be read as the freeze's: resynchronise.
+                if let Err(e) = g.execute("guest-ping", None, timeout) {
+                    tracing::info!("resync after the failed prepare: {e}");
+                }
+            }
+        }
+    }
+    (g, info)
+}
+
 /// What the policy makes of a failure to quiesce: the note for a crash-consistent result, or
 /// (`required`) the error.
 pub fn not_quiesced(policy: Quiesce, why: QuiesceError) -> Result<String, QuiesceError> {

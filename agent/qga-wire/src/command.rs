@@ -169,6 +169,17 @@ commands! {
         app_failure: Option<AppFailure>,
     } = "vssd-freeze", while_frozen: false,
         parse: |a| vssd_freeze(a)?;
+    /// Plans and sends PREPARE to the apps ahead of the `vssd-freeze` (same arguments) that
+    /// follows on this channel, so that the freeze goes straight to FREEZE + FIFREEZE; kept
+    /// for at most `deadline` seconds (default: the freeze deadline), then cancelled.
+    VssdFreezePrepare {
+        mountpoints: Option<Vec<PathBuf>>,
+        deadline: Option<Duration>,
+        cannot_freeze: Option<CannotFreeze>,
+        bind_to_channel: bool,
+        app_failure: Option<AppFailure>,
+    } = "vssd-freeze-prepare", while_frozen: false,
+        parse: |a| vssd_freeze_prepare(a)?;
     /// vssd's thaw, with a report.
     VssdThaw = "vssd-thaw", while_frozen: true;
     /// vssd's state: what is frozen, the deadline, the last automatic thaw.
@@ -256,6 +267,16 @@ fn vssd_freeze(a: &mut Args) -> Result<Command, QgaError> {
         d => d.map(Duration::from_secs_f64),
     };
     Ok(Command::VssdFreeze { mountpoints, deadline, cannot_freeze, bind_to_channel, app_failure })
+}
+
+/// `vssd-freeze-prepare`: the arguments of the `vssd-freeze` it prepares.
+fn vssd_freeze_prepare(a: &mut Args) -> Result<Command, QgaError> {
+    match vssd_freeze(a)? {
+        Command::VssdFreeze { mountpoints, deadline, cannot_freeze, bind_to_channel, app_failure } => {
+            Ok(Command::VssdFreezePrepare { mountpoints, deadline, cannot_freeze, bind_to_channel, app_failure })
+        }
+        other => Ok(other),
+    }
 }
 
 /// A request whose envelope has been read: the top-level `id` (echoed in any reply) and the
@@ -524,6 +545,16 @@ mod tests {
                     app_failure: Some(AppFailure::Continue),
                 },
             ),
+            (
+                r#"{"execute":"vssd-freeze-prepare","arguments":{"deadline":30,"bind-to-channel":true}}"#,
+                Command::VssdFreezePrepare {
+                    mountpoints: None,
+                    deadline: Some(Duration::from_secs(30)),
+                    cannot_freeze: None,
+                    bind_to_channel: true,
+                    app_failure: None,
+                },
+            ),
             (r#"{"execute":"vssd-thaw"}"#, Command::VssdThaw),
             (r#"{"execute":"vssd-status"}"#, Command::VssdStatus),
             (r#"{"execute":"vssd-plan"}"#, Command::VssdPlan { mountpoints: None }),
@@ -549,7 +580,7 @@ mod tests {
             assert_eq!(CommandName::from_wire(n.as_str()), Some(*n));
             assert!(CommandName::ALL[i + 1..].iter().all(|m| m.as_str() != n.as_str()), "{} twice", n.as_str());
         }
-        assert_eq!(CommandName::ALL.len(), 29);
+        assert_eq!(CommandName::ALL.len(), 30);
     }
 
     /// qemu-ga 7.2's guest-info: `success-response` is false for these four only.

@@ -217,20 +217,14 @@ impl Session {
                 }
             }
             Command::VssdFreeze { mountpoints, deadline, cannot_freeze, bind_to_channel, app_failure } => {
-                let req = FreezeRequest {
-                    mountpoints,
-                    deadline,
-                    cannot_freeze: cannot_freeze.map(|p| match p {
-                        CannotFreeze::Skip => CannotFreezePolicy::Skip,
-                        CannotFreeze::Veto => CannotFreezePolicy::Veto,
-                    }),
-                    owner: bind_to_channel.then_some(self.channel),
-                    app_failure: app_failure.map(|p| match p {
-                        AppFailure::Continue => AppFailurePolicy::Continue,
-                        AppFailure::Fail => AppFailurePolicy::Fail,
-                    }),
-                };
+                let req = self.freeze_request(mountpoints, deadline, cannot_freeze, bind_to_channel, app_failure);
                 serde_json::to_value(self.agent.freeze(req).await.map_err(refused)?).expect("report serialises")
+            }
+            Command::VssdFreezePrepare { mountpoints, deadline, cannot_freeze, bind_to_channel, app_failure } => {
+                let keep = deadline.unwrap_or_else(|| self.agent.config().freeze_deadline());
+                let req = self.freeze_request(mountpoints, None, cannot_freeze, bind_to_channel, app_failure);
+                serde_json::to_value(self.agent.prepare_freeze(req, keep).await.map_err(refused)?)
+                    .expect("report serialises")
             }
             Command::VssdThaw => {
                 serde_json::to_value(self.agent.thaw().await.map_err(refused)?).expect("report serialises")
@@ -248,6 +242,30 @@ impl Session {
             }
         };
         Ok((value, false))
+    }
+
+    /// The request of `vssd-freeze` (and of the `vssd-freeze-prepare` announcing it).
+    fn freeze_request(
+        &self,
+        mountpoints: Option<Vec<std::path::PathBuf>>,
+        deadline: Option<std::time::Duration>,
+        cannot_freeze: Option<CannotFreeze>,
+        bind_to_channel: bool,
+        app_failure: Option<AppFailure>,
+    ) -> FreezeRequest {
+        FreezeRequest {
+            mountpoints,
+            deadline,
+            cannot_freeze: cannot_freeze.map(|p| match p {
+                CannotFreeze::Skip => CannotFreezePolicy::Skip,
+                CannotFreeze::Veto => CannotFreezePolicy::Veto,
+            }),
+            owner: bind_to_channel.then_some(self.channel),
+            app_failure: app_failure.map(|p| match p {
+                AppFailure::Continue => AppFailurePolicy::Continue,
+                AppFailure::Fail => AppFailurePolicy::Fail,
+            }),
+        }
     }
 
     /// The same session, with the platform commands looking at `host` (a test's files).

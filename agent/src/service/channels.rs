@@ -65,6 +65,10 @@ impl Agent {
                 return PrepareRound::Busy(inner.life.name());
             }
         }
+        // The apps are already PREPAREd for a freeze another channel announced.
+        if self.is_prepared() {
+            return PrepareRound::Busy("prepared");
+        }
         // Its own id, from the freezes' sequence, so an app never mixes it up with a freeze.
         let id = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let answers = apps.prepare(id, self.cfg.app_prepare_deadline()).await;

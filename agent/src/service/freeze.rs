@@ -25,6 +25,7 @@ use appvss_proto::ThawReason;
 use kmod_shim::topology::Topology;
 use tracing::{debug, error, info, warn};
 
+use super::prepare::Prepared;
 use super::report::{describe_app, mount_report, ms, FreezeReport, StepClock};
 use super::{Agent, AgentError, AppCoordinator, Engaged, Event, FreezeRequest};
 use crate::apps::{Answer, AppReport};
@@ -78,14 +79,28 @@ impl Agent {
     /// the seam through which tests give a mount table of their own).
     pub fn plan(&self, only: Option<Vec<PathBuf>>) -> Result<Plan, AgentError> {
         let mounts = kmod_shim::mountinfo::read(&self.cfg.mountinfo)?;
+        self.plan_mounts(&mounts, only)
+    }
+
+    fn plan_mounts(
+        &self,
+        mounts: &[kmod_shim::mountinfo::Mount],
+        only: Option<Vec<PathBuf>>,
+    ) -> Result<Plan, AgentError> {
         let topo = Topology::new(&self.cfg.sysfs);
-        let backing = |m: &kmod_shim::mountinfo::Mount| plan::backing_devs(m, &mounts, &topo);
-        Ok(plan::plan(&mounts, &self.plan_options(only), &backing)?)
+        let backing = |m: &kmod_shim::mountinfo::Mount| plan::backing_devs(m, mounts, &topo);
+        Ok(plan::plan(mounts, &self.plan_options(only), &backing)?)
     }
 
     /// The plan, with the cannot-freeze policy applied (blocking: mountinfo and sysfs).
     fn checked_plan(&self, req: &FreezeRequest) -> Result<Plan, AgentError> {
-        let plan = self.plan(req.mountpoints.clone())?;
+        self.checked_plan_of(req, &self.read_mountinfo()?)
+    }
+
+    /// [`Self::checked_plan`] of a mount table already read (blocking: sysfs).
+    pub(super) fn checked_plan_of(&self, req: &FreezeRequest, mountinfo: &str) -> Result<Plan, AgentError> {
+        let mounts = kmod_shim::mountinfo::parse(mountinfo)?;
+        let plan = self.plan_mounts(&mounts, req.mountpoints.clone())?;
         let policy = req.cannot_freeze.unwrap_or(self.cfg.cannot_freeze);
         if policy == CannotFreezePolicy::Veto {
             let blocked: Vec<String> =
@@ -107,11 +122,16 @@ impl Agent {
         let start = tokio::time::Instant::now();
         self.lock().life.begin_freeze()?;
         self.emit(Event::Freezing);
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        // A freeze prepared for this request keeps the id its apps got PREPARE with.
+        let prepared = self.take_prepared(&req);
+        let generation = match &prepared {
+            Some(p) => p.generation,
+            None => self.generation.fetch_add(1, Ordering::Relaxed) + 1,
+        };
         let deadline_len = req.deadline.unwrap_or_else(|| self.cfg.freeze_deadline());
         let deadline = start + deadline_len;
         let mut engaged = Engaged::default();
-        match self.pipeline(&req, generation, deadline, &mut engaged).await {
+        match self.pipeline(&req, generation, deadline, &mut engaged, prepared).await {
             Err(e) => {
                 self.abort(&e, &engaged, generation).await;
                 Err(e)
@@ -197,28 +217,58 @@ impl Agent {
         freeze_id: u64,
         deadline: tokio::time::Instant,
         engaged: &mut Engaged,
+        prepared: Option<Prepared>,
     ) -> Result<(Vec<FrozenFs>, FreezeReport), AgentError> {
         let clock = Arc::new(StepClock::new(Instant::now()));
         let app_policy = req.app_failure.unwrap_or(self.cfg.app_failure);
         let hook_list = hooks::discover(&self.cfg.hooks_dirs);
         clock.mark("hooks-found");
 
-        let planning = {
-            let (me, req, clock) = (self.clone(), req.clone(), clock.clone());
-            Planning::Later(Box::new(move || {
-                let plan = me.checked_plan(&req)?;
-                clock.mark("planned");
-                Ok((plan, clock.since_start()))
-            }))
-        };
-
-        // Apps, if any: PREPARE beside planning, FREEZE once the plan stands.
         let apps = self.apps.as_ref().filter(|a| a.count() > 0);
-        let (planning, app_reports) = match apps {
-            Some(apps) => {
-                self.hold_apps(apps.as_ref(), planning, freeze_id, deadline, app_policy, engaged, &clock).await?
+        let (planning, app_reports) = match prepared {
+            // Planned and PREPAREd ahead: the mount table re-read (planned again only if it
+            // changed), then straight to FREEZE.
+            Some(p) => {
+                engaged.apps = p.asked.clone();
+                let mut kept = Some((p.mountinfo, p.plan));
+                let planning = {
+                    let (me, req, clock) = (self.clone(), req.clone(), clock.clone());
+                    Planning::Later(Box::new(move || {
+                        let plan = me.recheck_plan(&mut kept, &req)?;
+                        clock.mark("plan-checked");
+                        Ok((plan, clock.since_start()))
+                    }))
+                };
+                match apps {
+                    Some(apps) if !p.prep.is_empty() => {
+                        let (plan, took) = tokio::task::spawn_blocking(move || planning.resolve())
+                            .await
+                            .map_err(AgentError::step("plan"))??;
+                        let out =
+                            self.freeze_apps(apps.as_ref(), p.prep, freeze_id, deadline, app_policy, &clock).await?;
+                        (Planning::Made(plan, took), out)
+                    }
+                    _ => (planning, Vec::new()),
+                }
             }
-            None => (planning, Vec::new()),
+            None => {
+                let planning = {
+                    let (me, req, clock) = (self.clone(), req.clone(), clock.clone());
+                    Planning::Later(Box::new(move || {
+                        let plan = me.checked_plan(&req)?;
+                        clock.mark("planned");
+                        Ok((plan, clock.since_start()))
+                    }))
+                };
+                // Apps, if any: PREPARE beside planning, FREEZE once the plan stands.
+                match apps {
+                    Some(apps) => {
+                        self.hold_apps(apps.as_ref(), planning, freeze_id, deadline, app_policy, engaged, &clock)
+                            .await?
+                    }
+                    None => (planning, Vec::new()),
+                }
+            }
         };
 
         // Hooks, marker, FIFREEZE on one blocking thread (planning too, if still to do).
@@ -288,6 +338,20 @@ impl Agent {
         clock.mark("apps-prepared");
         engaged.apps = prep.iter().filter(|r| r.outcome != Answer::Disconnected).map(|r| r.app_id).collect();
         let (plan, plan_took) = making.await.map_err(AgentError::step("plan"))??;
+        let out = self.freeze_apps(apps, prep, freeze_id, deadline, app_policy, clock).await?;
+        Ok((Planning::Made(plan, plan_took), out))
+    }
+
+    /// FREEZE to the apps that answered PREPARE ready; the merged report per app.
+    async fn freeze_apps(
+        &self,
+        apps: &dyn AppCoordinator,
+        prep: Vec<AppReport>,
+        freeze_id: u64,
+        deadline: tokio::time::Instant,
+        app_policy: AppFailurePolicy,
+        clock: &StepClock,
+    ) -> Result<Vec<AppReport>, AgentError> {
         let ready: Vec<u64> = prep.iter().filter(|r| r.outcome == Answer::Ready).map(|r| r.app_id).collect();
         if app_policy == AppFailurePolicy::Fail {
             if let Some(bad) = prep.iter().find(|r| r.outcome != Answer::Ready) {
@@ -316,7 +380,7 @@ impl Agent {
             out.push(r);
         }
         debug!(apps = out.len(), at_ms = ms(clock.since_start()), "apps answered");
-        Ok((Planning::Made(plan, plan_took), out))
+        Ok(out)
     }
 
     /// The filesystem stage: freeze hooks, marker, FIFREEZE (blocking).

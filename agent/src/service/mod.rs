@@ -28,6 +28,7 @@ mod channels;
 mod coordinator;
 mod events;
 mod freeze;
+mod prepare;
 mod report;
 mod thaw;
 mod timers;
@@ -52,6 +53,7 @@ use crate::plan::{self, CannotFreezePolicy};
 pub use channels::PrepareRound;
 pub use coordinator::{AppCoordinator, BoxFuture};
 pub use events::{Event, Subscription};
+pub use prepare::PrepareReport;
 pub use report::{mount_report, AutoThaw, FreezeReport, MountReport, StepTimes, ThawError, ThawResult};
 
 /// A freeze request, whichever command it came from.
@@ -194,6 +196,8 @@ pub struct Agent {
     apps: Option<Arc<dyn AppCoordinator>>,
     state_tx: tokio::sync::watch::Sender<StateView>,
     observers: events::Observers,
+    /// A freeze planned and PREPAREd ahead (`vssd-freeze-prepare`), waiting for its freeze.
+    prepared: Mutex<Option<prepare::Prepared>>,
 }
 
 /// What a freeze in progress has engaged and must release if it does not complete.
@@ -229,6 +233,7 @@ impl Agent {
             apps,
             state_tx,
             observers: events::Observers::default(),
+            prepared: Mutex::new(None),
         })
     }
 

@@ -517,3 +517,125 @@ async fn a_failed_freeze_whose_rollback_thaw_fails_keeps_that_filesystem_in_the_
     let left = crate::marker::Marker::new(r.marker.clone()).read().expect("the marker must stay for /s/a");
     assert_eq!(left.filesystems.iter().map(|f| f.mount_point.clone()).collect::<Vec<_>>(), [PathBuf::from("/s/a")]);
 }
+
+// vssd-freeze-prepare: planning and PREPARE ahead of the freeze, and every way it ends.
+
+fn on_channel(owner: u64) -> FreezeRequest {
+    FreezeRequest { owner: Some(owner), ..Default::default() }
+}
+
+#[tokio::test]
+async fn a_prepared_freeze_goes_straight_to_freeze_with_the_prepared_id() {
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1, 2])));
+    let p = r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    assert_eq!((p.freeze_id, p.to_freeze, p.ready), (1, 3, 2));
+    assert!(r.kernel.calls().is_empty(), "a prepare freezes nothing");
+    let rep = r.agent.freeze(on_channel(7)).await.unwrap();
+    assert_eq!((rep.frozen, rep.consistency), (3, "application"));
+    assert!(rep.steps.contains_key("plan-checked") && !rep.steps.contains_key("apps-prepared"), "{:?}", rep.steps);
+    r.agent.thaw().await.unwrap();
+    assert_eq!(r.apps.as_ref().unwrap().log(), ["prepare 1", "freeze [1, 2] 1", "thaw [1, 2] 1 Completed"]);
+}
+
+#[tokio::test]
+async fn a_prepared_freeze_plans_again_when_the_mount_table_changed() {
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1])));
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    let mi = r.agent.config().mountinfo.clone();
+    let mut t = std::fs::read_to_string(&mi).unwrap();
+    t.push_str("14 1 7:4 / /s/d rw - ext4 /dev/loop4 rw\n");
+    std::fs::write(&mi, t).unwrap();
+    let rep = r.agent.freeze(on_channel(7)).await.unwrap();
+    assert_eq!(rep.frozen, 4, "the new filesystem is frozen too");
+    r.agent.thaw().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prepared_freeze_that_never_comes_releases_the_apps_once_at_its_deadline() {
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1])));
+    r.agent.prepare_freeze(on_channel(7), Duration::from_secs(3)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(r.agent.is_prepared());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!r.agent.is_prepared());
+    assert_eq!(r.apps.as_ref().unwrap().log(), ["prepare 1", "thaw [1] 1 Aborted"]);
+    // A freeze later starts from scratch with a new id.
+    r.agent.freeze(on_channel(7)).await.unwrap();
+    r.agent.thaw().await.unwrap();
+    assert_eq!(r.apps.as_ref().unwrap().log()[2..], ["prepare 2", "freeze [1] 2", "thaw [1] 2 Completed"]);
+}
+
+#[tokio::test]
+async fn closing_the_channel_cancels_its_prepared_freeze() {
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1])));
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    r.agent.channel_closed(8);
+    assert!(r.agent.is_prepared(), "another channel's close changes nothing");
+    r.agent.channel_closed(7);
+    assert!(!r.agent.is_prepared());
+    assert_eq!(r.apps.as_ref().unwrap().log(), ["prepare 1", "thaw [1] 1 Aborted"]);
+}
+
+#[tokio::test]
+async fn a_thaw_cancels_a_prepared_freeze() {
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1])));
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    assert_eq!(r.agent.thaw().await.unwrap().thawed, 0);
+    assert_eq!(r.apps.as_ref().unwrap().log(), ["prepare 1", "thaw [1] 1 Aborted"]);
+}
+
+#[tokio::test]
+async fn another_channels_freeze_cancels_the_prepared_one_and_runs_in_full() {
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1])));
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    let rep = r.agent.freeze(on_channel(9)).await.unwrap();
+    assert_eq!((rep.frozen, rep.consistency), (3, "application"));
+    r.agent.thaw().await.unwrap();
+    assert_eq!(
+        r.apps.as_ref().unwrap().log(),
+        ["prepare 1", "thaw [1] 1 Aborted", "prepare 2", "freeze [1] 2", "thaw [1] 2 Completed"]
+    );
+}
+
+#[tokio::test]
+async fn a_second_prepare_replaces_the_first() {
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1])));
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    r.agent.freeze(on_channel(7)).await.unwrap();
+    r.agent.thaw().await.unwrap();
+    assert_eq!(
+        r.apps.as_ref().unwrap().log(),
+        ["prepare 1", "thaw [1] 1 Aborted", "prepare 2", "freeze [1] 2", "thaw [1] 2 Completed"]
+    );
+}
+
+#[tokio::test]
+async fn a_prepare_whose_plan_is_vetoed_keeps_nothing_and_releases_the_apps() {
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1])));
+    let req = FreezeRequest { cannot_freeze: Some(CannotFreezePolicy::Veto), ..on_channel(7) };
+    let err = r.agent.prepare_freeze(req, DEADLINE).await.unwrap_err();
+    assert!(matches!(err, AgentError::Vetoed(_)), "{err}");
+    assert!(!r.agent.is_prepared());
+    assert_eq!(r.apps.as_ref().unwrap().log(), ["prepare 1", "thaw [1] 1 Aborted"]);
+}
+
+#[tokio::test]
+async fn a_prepared_freeze_that_fails_releases_the_apps_once() {
+    let r = rig_with(FakeKernel::new().fail_freeze("/s/b", libc::EIO), Some(FakeApps::new(&[1])));
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    r.agent.freeze(on_channel(7)).await.unwrap_err();
+    assert!(!r.agent.is_prepared());
+    assert_eq!(r.apps.as_ref().unwrap().log(), ["prepare 1", "freeze [1] 1", "thaw [1] 1 Aborted"]);
+    assert!(!r.marker.exists());
+}
+
+#[tokio::test]
+async fn a_prepare_without_apps_still_saves_the_planning() {
+    let r = rig();
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    let rep = r.agent.freeze(on_channel(7)).await.unwrap();
+    assert_eq!(rep.frozen, 3);
+    assert!(rep.steps.contains_key("plan-checked"), "{:?}", rep.steps);
+    r.agent.thaw().await.unwrap();
+}

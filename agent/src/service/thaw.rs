@@ -85,6 +85,8 @@ impl Agent {
     pub async fn thaw(self: &Arc<Self>) -> Result<ThawResult, AgentError> {
         let start = Instant::now();
         let _op = self.op.lock().await;
+        // A thaw ends a freeze that was announced and never came, too.
+        self.cancel_prepared("a thaw");
         let state = {
             let mut inner = self.lock();
             let s = inner.life.begin_thaw()?;
@@ -166,6 +168,7 @@ impl Agent {
     /// waited for (under the same operation lock), then thawed.
     pub async fn shutdown(self: &Arc<Self>) {
         let _op = self.op.lock().await;
+        self.cancel_prepared("vssd is stopping");
         self.thaw_by_itself(None, AutoThawReason::Shutdown).await;
     }
 

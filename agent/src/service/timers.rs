@@ -26,6 +26,7 @@ impl Agent {
     /// A channel connection went away (EOF, error, host disconnected). If it owns the freeze
     /// in force, that freeze thaws after the grace unless the channel comes back.
     pub fn channel_closed(self: &Arc<Self>, id: u64) {
+        self.prepared_channel_closed(id);
         let generation = {
             let mut inner = self.lock();
             inner.disconnected.insert(id);

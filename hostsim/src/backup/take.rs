@@ -38,7 +38,7 @@ fn spawn_agent(req: &BackupRequest) -> Option<std::thread::JoinHandle<AgentReady
         .name("vmctl-agent".into())
         .spawn(move || {
             let t = Instant::now();
-            let r = quiesce::connect(&path, timeout);
+            let r = quiesce::connect(&path, timeout).map(|(g, i)| quiesce::prepare(g, i, timeout));
             let ms = util::ms(t.elapsed());
             match &r {
                 Ok((_, i)) => info!("agent answered: {} (connect, resync, guest-info: {ms:.1} ms)", i.describe()),
