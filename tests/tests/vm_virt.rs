@@ -9,7 +9,9 @@
 //! incremental backups of the vssd and the qemu-ga domain through libvirt's backup API, each
 //! verified (checksums, qemu-img check, fsck) and holding every record acked before it and a
 //! sound SQLite database; the checkpoint chain redefined from the backups after `virsh
-//! checkpoint-delete --metadata`; restore; a remote URI (`qemu+tcp://127.0.0.1:PORT/system`); `backup --all --parallel 2` over the three with one
+//! checkpoint-delete --metadata`; restore; a remote URI (`qemu+tcp://127.0.0.1:PORT/system`),
+//! push and pull mode (NBD: a full and an incremental into a target on vmctl's side);
+//! `backup --all --parallel 2` over the three with one
 //! agent missing; `backup prune` on a chain.
 
 use std::collections::BTreeMap;
@@ -195,6 +197,45 @@ fn vmctl_connect_backs_up_libvirt_domains_consistently_and_keeps_their_checkpoin
     );
     assert_eq!((v["kind"].as_str(), v["verify"]["ok"].as_bool()), (Some("incremental"), Some(true)), "{v}");
     check_contents(&dir_of(&v), &before);
+
+    // Pull mode over the remote URI: libvirt's QEMU serves the disks over NBD, vmctl copies
+    // them into a target on its own machine; a full, then an incremental of what changed.
+    let pulled = work.path().join("pull");
+    let pt = pulled.to_str().unwrap();
+    let mut ids = Vec::new();
+    for inc in [false, true] {
+        qga.wait_acks("sqlite", qga.last_acks().get("sqlite").copied().unwrap_or(0) + 3, Duration::from_secs(90));
+        let before = qga.last_acks();
+        let mut args = vec!["--pull", "backup", &qga.name, "--target", pt, "--verify", "--quiesce", "required"];
+        if inc {
+            args.push("--incremental");
+        }
+        let v = vmctl_json_at(&relay.uri, &args, 0);
+        assert_eq!(v["kind"], if inc { "incremental" } else { "full" }, "{v}");
+        assert_eq!(v["verify"]["ok"], true, "verify of a pulled backup: {v}");
+        assert_eq!(v["consistency"], "filesystem", "{v}");
+        check_contents(&dir_of(&v), &before);
+        let job = virsh_ok(&["domjobinfo", &qga.name]);
+        assert!(job.contains("None"), "the pull job ended: {job}");
+        eprintln!("[test] pull {}: {} bytes, freeze window {} ms", v["kind"], v["copied_bytes"], v["freeze_window_ms"]);
+        ids.push((v["id"].as_str().unwrap().to_string(), v["copied_bytes"].as_u64().unwrap()));
+        if inc {
+            assert_eq!(v["chain"][0], ids[0].0.as_str(), "{v}");
+            assert!(ids[1].1 < ids[0].1 / 2, "the incremental holds only what changed: {ids:?}");
+        }
+    }
+    let r = vmctl_json_at(
+        URI,
+        &[
+            "backup",
+            "restore",
+            pulled.join(&ids[1].0).to_str().unwrap(),
+            "--to",
+            work.path().join("pull-restored").to_str().unwrap(),
+        ],
+        0,
+    );
+    assert_eq!(r["disks"].as_array().map(|a| a.len()), Some(2), "{r}");
 
     // --all --parallel 2: the three (one without an agent: crash-consistent, best-effort).
     let prefix = format!("{}{}-", tests::libvirt::PREFIX, std::process::id());
