@@ -130,6 +130,13 @@ impl Apps {
         self.lock().len()
     }
 
+    /// The ids of the apps registered now, ascending.
+    pub fn ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.lock().keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Listens on the app socket and serves it until the process ends.
     pub fn listen(self: &Arc<Self>) -> io::Result<()> {
         let l = bind(&self.settings)?;

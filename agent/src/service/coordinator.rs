@@ -21,6 +21,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait AppCoordinator: Send + Sync {
     /// How many apps are registered now (none: the freeze skips the app stage entirely).
     fn count(&self) -> usize;
+    /// The ids of the apps registered now, ascending.
+    fn ids(&self) -> Vec<u64>;
     /// PREPARE to every registered app.
     fn prepare(&self, freeze_id: u64, deadline: Duration) -> BoxFuture<'_, PhaseResult>;
     /// FREEZE to `apps`, each to hold for at most `max_hold`.
@@ -40,6 +42,9 @@ pub trait AppCoordinator: Send + Sync {
 impl AppCoordinator for Apps {
     fn count(&self) -> usize {
         Apps::count(self)
+    }
+    fn ids(&self) -> Vec<u64> {
+        Apps::ids(self)
     }
     fn prepare(&self, freeze_id: u64, deadline: Duration) -> BoxFuture<'_, PhaseResult> {
         Box::pin(Apps::prepare(self, freeze_id, deadline))

@@ -170,9 +170,10 @@ impl Agent {
     pub(super) fn take_prepared(&self, req: &FreezeRequest) -> Option<Prepared> {
         let p = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).take()?;
         if p.matches(req) {
-            // Apps that registered since PREPARE would miss the freeze: start from scratch.
-            let now = self.apps.as_ref().map_or(0, |a| a.count());
-            if now <= p.asked.len() {
+            // An app that registered since PREPARE would miss the freeze (even when another
+            // left, so the count alone cannot tell): start from scratch.
+            let now = self.apps.as_ref().map_or_else(Vec::new, |a| a.ids());
+            if now.iter().all(|id| p.asked.contains(id)) {
                 return Some(p);
             }
         }

@@ -15,7 +15,8 @@ use crate::config::Config;
 /// Apps that answer as scripted and log what they were asked (`prepare ID`,
 /// `freeze [APPS] ID`, `thaw [APPS] ID REASON`).
 pub(crate) struct FakeApps {
-    pub ids: Vec<u64>,
+    /// The registered apps; a test may change them (an app leaves, another registers).
+    pub ids: Mutex<Vec<u64>>,
     pub prepare: Answer,
     /// Answers for the next PREPAREs, in order, before `prepare` again.
     pub prepare_next: Mutex<std::collections::VecDeque<Answer>>,
@@ -28,7 +29,7 @@ impl FakeApps {
     /// Apps `ids` that say ready at PREPARE and hold at FREEZE, at once.
     pub fn new(ids: &[u64]) -> FakeApps {
         FakeApps {
-            ids: ids.to_vec(),
+            ids: Mutex::new(ids.to_vec()),
             prepare: Answer::Ready,
             prepare_next: Mutex::default(),
             freeze: Answer::Held,
@@ -59,14 +60,20 @@ pub(crate) fn reports(ids: &[u64], outcome: Answer) -> PhaseResult {
 
 impl AppCoordinator for FakeApps {
     fn count(&self) -> usize {
-        self.ids.len()
+        self.ids.lock().unwrap().len()
+    }
+    fn ids(&self) -> Vec<u64> {
+        let mut ids = self.ids.lock().unwrap().clone();
+        ids.sort_unstable();
+        ids
     }
     fn prepare(&self, freeze_id: u64, _: Duration) -> BoxFuture<'_, PhaseResult> {
         Box::pin(async move {
             self.log.lock().unwrap().push(format!("prepare {freeze_id}"));
             tokio::time::sleep(self.prepare_takes).await;
             let answer = self.prepare_next.lock().unwrap().pop_front().unwrap_or(self.prepare);
-            reports(&self.ids, answer)
+            let ids = self.ids.lock().unwrap().clone();
+            reports(&ids, answer)
         })
     }
     fn freeze<'a>(&'a self, apps: &'a [u64], freeze_id: u64, _: Duration, _: Duration) -> BoxFuture<'a, PhaseResult> {

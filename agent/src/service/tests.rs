@@ -639,3 +639,43 @@ async fn a_prepare_without_apps_still_saves_the_planning() {
     assert!(rep.steps.contains_key("plan-checked"), "{:?}", rep.steps);
     r.agent.thaw().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_app_that_registered_since_the_prepare_gets_a_freeze_from_scratch() {
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1])));
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    *r.apps.as_ref().unwrap().ids.lock().unwrap() = vec![1, 2];
+    let rep = r.agent.freeze(on_channel(7)).await.unwrap();
+    assert!(rep.steps.contains_key("apps-prepared"), "prepared again: {:?}", rep.steps);
+    r.agent.thaw().await.unwrap();
+    assert_eq!(
+        r.apps.as_ref().unwrap().log(),
+        ["prepare 1", "thaw [1] 1 Aborted", "prepare 2", "freeze [1, 2] 2", "thaw [1, 2] 2 Completed"]
+    );
+}
+
+#[tokio::test]
+async fn one_app_leaving_and_another_registering_is_not_taken_for_the_prepared_set() {
+    // Same count, different apps: app 3 never got PREPARE, so the preparation is not used.
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1, 2])));
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    *r.apps.as_ref().unwrap().ids.lock().unwrap() = vec![1, 3];
+    r.agent.freeze(on_channel(7)).await.unwrap();
+    r.agent.thaw().await.unwrap();
+    assert_eq!(
+        r.apps.as_ref().unwrap().log(),
+        ["prepare 1", "thaw [1, 2] 1 Aborted", "prepare 2", "freeze [1, 3] 2", "thaw [1, 3] 2 Completed"]
+    );
+}
+
+#[tokio::test]
+async fn an_app_leaving_since_the_prepare_keeps_the_preparation() {
+    let r = rig_with(FakeKernel::new(), Some(FakeApps::new(&[1, 2])));
+    r.agent.prepare_freeze(on_channel(7), DEADLINE).await.unwrap();
+    *r.apps.as_ref().unwrap().ids.lock().unwrap() = vec![1];
+    let rep = r.agent.freeze(on_channel(7)).await.unwrap();
+    assert!(rep.steps.contains_key("plan-checked"), "{:?}", rep.steps);
+    r.agent.thaw().await.unwrap();
+    assert_eq!(r.apps.as_ref().unwrap().log()[0], "prepare 1");
+    assert_eq!(r.apps.as_ref().unwrap().log().len(), 3, "{:?}", r.apps.as_ref().unwrap().log());
+}
