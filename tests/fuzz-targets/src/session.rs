@@ -100,6 +100,9 @@ impl AppCoordinator for ScriptedApps {
     fn count(&self) -> usize {
         self.ids.len()
     }
+    fn ids(&self) -> Vec<u64> {
+        self.ids.clone()
+    }
     fn prepare(&self, fid: u64, _: Duration) -> BoxFuture<'_, PhaseResult> {
         self.log(&self.ids, "prepare", fid);
         let a = *self.prepare.lock().unwrap();
@@ -234,6 +237,8 @@ fn allowed(msg: &[u8]) -> bool {
                     | CommandName::VssdThaw
                     | CommandName::VssdStatus
                     | CommandName::VssdPlan
+                    | CommandName::VssdFreeze
+                    | CommandName::VssdFreezePrepare
             ),
         },
         Err(_) => true,
@@ -261,7 +266,14 @@ async fn step(rig: &mut Rig, splitter: &mut Splitter, op: u8, data: &mut &[u8]) 
             }
             rig.request(json!({"execute": "guest-fsfreeze-freeze-list", "arguments": {"mountpoints": list}})).await
         }
-        2 | 3 => rig.request(json!({"execute": "guest-fsfreeze-thaw"})).await,
+        2 => rig.request(json!({"execute": "guest-fsfreeze-thaw"})).await,
+        3 => {
+            // A freeze announced ahead, and the vssd-freeze it announces (or not).
+            let prepare = (op / 12).is_multiple_of(2);
+            let cmd = if prepare { "vssd-freeze-prepare" } else { "vssd-freeze" };
+            rig.request(json!({"execute": cmd, "arguments": {"deadline": 5, "bind-to-channel": true}})).await;
+            return cmd;
+        }
         4 => rig.request(json!({"execute": "guest-fsfreeze-status", "id": 4})).await,
         5 => rig.send(b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":5}}").await,
         6 => {
@@ -299,7 +311,8 @@ async fn step(rig: &mut Rig, splitter: &mut Splitter, op: u8, data: &mut &[u8]) 
         }
         _ => return "apps",
     }
-    ["freeze", "freeze-list", "thaw", "thaw", "status", "sync", "", "vssd-thaw", "vssd-status"][usize::from(op % 12)]
+    ["freeze", "freeze-list", "thaw", "(prepare)", "status", "sync", "", "vssd-thaw", "vssd-status"]
+        [usize::from(op % 12)]
 }
 
 /// Steps through the QGA session, with scripted apps whose answers the input also picks.
@@ -332,10 +345,13 @@ pub fn qga_session(data: &[u8]) {
             }
             rig.check(name);
             let left = apps.left.lock().unwrap().clone();
-            check_thaws(&seen, &left, rig.agent.state_view().state == "thawed", name);
+            // A preparation waiting for its freeze owes its apps a THAW only once it ends.
+            let settled = rig.agent.state_view().state == "thawed" && !rig.agent.is_prepared();
+            check_thaws(&seen, &left, settled, name);
         }
         rig.request(serde_json::json!({"execute": "guest-fsfreeze-thaw"})).await;
         rig.check("the last thaw");
+        assert!(!rig.agent.is_prepared(), "a thaw cancels a preparation");
         let left = apps.left.lock().unwrap().clone();
         check_thaws(&seen, &left, true, "the last thaw");
         let _ = rig.replies;
@@ -476,11 +492,14 @@ pub fn appvss_coordinator(data: &[u8]) {
             tokio::time::sleep(Duration::from_millis(5)).await;
             rig.check(name);
             let left = left.lock().unwrap().clone();
-            check_thaws(&seen, &left, rig.agent.state_view().state == "thawed", name);
+            // A preparation waiting for its freeze owes its apps a THAW only once it ends.
+            let settled = rig.agent.state_view().state == "thawed" && !rig.agent.is_prepared();
+            check_thaws(&seen, &left, settled, name);
         }
         rig.request(serde_json::json!({"execute": "guest-fsfreeze-thaw"})).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         rig.check("the last thaw");
+        assert!(!rig.agent.is_prepared(), "a thaw cancels a preparation");
         let left_now = left.lock().unwrap().clone();
         check_thaws(&seen, &left_now, true, "the last thaw");
         for t in tasks {
