@@ -152,6 +152,12 @@ fn run(cli: &Cli) -> Result<Value, Failure> {
                         a["frozen-for-ms"]
                     );
                 }
+                if let Some(p) = v.get("prepared") {
+                    println!(
+                        "prepared: freeze {} announced ({} filesystem(s), {} app(s) got PREPARE); cancelled in {} ms unless it comes",
+                        p["freeze-id"], p["to-freeze"], p["apps"], p["expires-in-ms"]
+                    );
+                }
                 for h in v["hyperv"].as_array().into_iter().flatten() {
                     let version = h["kernel-version"].as_u64().map_or("none".to_string(), |n| n.to_string());
                     println!(

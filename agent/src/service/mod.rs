@@ -310,6 +310,7 @@ impl Agent {
 
     /// The `vssd-status` view.
     pub fn status_json(&self) -> serde_json::Value {
+        let prepared = self.prepared_json();
         let inner = self.lock();
         let mut v = serde_json::json!({
             "status": match inner.life { Lifecycle::Thawed => "thawed", _ => "frozen" },
@@ -327,6 +328,9 @@ impl Agent {
         }
         if let Some(a) = &inner.last_auto_thaw {
             v["last-auto-thaw"] = serde_json::to_value(a).unwrap_or_default();
+        }
+        if let Some(p) = prepared {
+            v["prepared"] = p;
         }
         if let Some(apps) = &self.apps {
             v["apps"] = apps.list().into();

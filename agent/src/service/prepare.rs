@@ -45,6 +45,8 @@ pub(super) struct Prepared {
     pub(super) prep: Vec<AppReport>,
     /// The apps that got PREPARE (each gets one THAW).
     pub(super) asked: Vec<u64>,
+    /// When it is cancelled unless its freeze comes first.
+    expires: tokio::time::Instant,
 }
 
 impl Prepared {
@@ -143,6 +145,7 @@ impl Agent {
             elapsed_ms: ms(start.elapsed()),
             expires_in_ms: keep.as_millis() as u64,
         };
+        let expires = tokio::time::Instant::now() + keep;
         *self.prepared.lock().unwrap_or_else(|p| p.into_inner()) = Some(Prepared {
             generation,
             owner: req.owner,
@@ -153,8 +156,9 @@ impl Agent {
             plan,
             prep,
             asked,
+            expires,
         });
-        self.arm_prepare_expiry(generation, tokio::time::Instant::now() + keep);
+        self.arm_prepare_expiry(generation, expires);
         info!(
             freeze_id = generation,
             apps = report.apps.len(),
@@ -187,6 +191,21 @@ impl Agent {
         if let Some(p) = p {
             self.release_prepared(p, why);
         }
+    }
+
+    /// The preparation waiting, for `vssd-status`: its freeze id, the apps that got PREPARE,
+    /// how long it is kept, whether a channel owns it.
+    pub(super) fn prepared_json(&self) -> Option<serde_json::Value> {
+        let slot = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+        let p = slot.as_ref()?;
+        let left = p.expires.saturating_duration_since(tokio::time::Instant::now());
+        Some(serde_json::json!({
+            "freeze-id": p.generation,
+            "apps": p.asked.len(),
+            "to-freeze": p.plan.levels.iter().map(Vec::len).sum::<usize>(),
+            "expires-in-ms": left.as_millis() as u64,
+            "bound-to-channel": p.owner.is_some(),
+        }))
     }
 
     /// Whether a preparation is waiting for its freeze.

@@ -556,8 +556,16 @@ async fn a_prepared_freeze_that_never_comes_releases_the_apps_once_at_its_deadli
     r.agent.prepare_freeze(on_channel(7), Duration::from_secs(3)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(r.agent.is_prepared());
+    let p = &r.agent.status_json()["prepared"];
+    assert_eq!(
+        (p["freeze-id"].as_u64(), p["apps"].as_u64(), p["to-freeze"].as_u64()),
+        (Some(1), Some(1), Some(3)),
+        "{p}"
+    );
+    assert_eq!((p["expires-in-ms"].as_u64(), &p["bound-to-channel"]), (Some(1000), &serde_json::json!(true)), "{p}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!r.agent.is_prepared());
+    assert!(r.agent.status_json().get("prepared").is_none(), "vssd-status shows no preparation once it ended");
     assert_eq!(r.apps.as_ref().unwrap().log(), ["prepare 1", "thaw [1] 1 Aborted"]);
     // A freeze later starts from scratch with a new id.
     r.agent.freeze(on_channel(7)).await.unwrap();
