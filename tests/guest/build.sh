@@ -83,9 +83,9 @@ if [ "$(cat "$out/kernel.pkg" 2>/dev/null)" != "$kpkg" ] || [ ! -f "$kroot/boot/
 fi
 
 # ---------------------------------------------------------------------------------------
-# Static binaries, in ONE cargo run: vssd, appvss's sqlite_writer example and the tests
-# crate's vsock-qga (a vsock client for the guest). Built apart, cargo unifies their
-# dependencies' features differently and every run rebuilds them. The two extras are optional:
+# Static binaries, in ONE cargo run: vssd, appvss's CLI and sqlite_writer example, the tests
+# crate's vsock-qga (a vsock client for the guest) and hv-emu. Built apart, cargo unifies their
+# dependencies' features differently and every run rebuilds them. The extras are optional:
 # when they do not build, vssd is built alone and the guest does without them.
 static_build() {
   (cd "$ws" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target" \
@@ -93,9 +93,10 @@ static_build() {
 }
 rel=$target/$TRIPLE/release
 sqlite_writer=${SQLITE_WRITER_BIN:-}
-extras=(-p tests --bin vsock-qga -p hv-emu --bin hv-emu --bin hv-host)
-[ -z "$sqlite_writer" ] && [ -f "$ws/appvss/examples/sqlite_writer.rs" ] && extras+=(-p appvss --example sqlite_writer)
+extras=(-p tests --bin vsock-qga -p hv-emu --bin hv-emu --bin hv-host -p appvss --bin appvss)
+[ -z "$sqlite_writer" ] && [ -f "$ws/appvss/examples/sqlite_writer.rs" ] && extras+=(--example sqlite_writer)
 vsock_qga=
+appvss_cli=
 extras_ok=
 if [ -n "${VSSD_GUEST_BIN:-}" ]; then
   vssd=$VSSD_GUEST_BIN
@@ -115,9 +116,10 @@ hv_emu=
 if [ -n "$extras_ok" ]; then
   vsock_qga=$rel/vsock-qga
   hv_emu=$rel/hv-emu
+  appvss_cli=$rel/appvss
   [ -z "$sqlite_writer" ] && [ -x "$rel/examples/sqlite_writer" ] && sqlite_writer=$rel/examples/sqlite_writer
 else
-  say "the guest's extras (sqlite_writer, vsock-qga, hv-emu) do not build (see $out/work/extras.err): the guest goes without them"
+  say "the guest's extras (sqlite_writer, vsock-qga, hv-emu, appvss) do not build (see $out/work/extras.err): the guest goes without them"
 fi
 [ -n "$sqlite_writer" ] || say "no appvss sqlite_writer: the guest uses the sqlite3 shell writer"
 
@@ -150,6 +152,7 @@ install -m 0755 "$vssd" "$stage/usr/bin/vssd"
 install -m 0755 "$writer" "$stage/usr/bin/vm-writer"
 [ -n "$sqlite_writer" ] && install -m 0755 "$sqlite_writer" "$stage/usr/bin/sqlite_writer"
 [ -n "$vsock_qga" ] && install -m 0755 "$vsock_qga" "$stage/usr/bin/vsock-qga"
+[ -n "$appvss_cli" ] && install -m 0755 "$appvss_cli" "$stage/usr/bin/appvss"
 if [ -n "$hv_emu" ]; then
   install -m 0755 "$hv_emu" "$stage/usr/bin/hv-emu"
   install -m 0755 "$rel/hv-host" "$stage/usr/bin/hv-host"

@@ -253,6 +253,66 @@ fn vssd_gets_the_same_answers_as_hv_vss_daemon() {
     assert_eq!(answer(&mut host, "thaw").error, HV_S_OK);
     assert_eq!(answer(&mut host, "hot-backup").error, HV_S_OK);
     STOCK.stop(&vm);
+
+    // What only vssd does: an app in the guest (appvss's CLI, as an admin would script it)
+    // vetoes at HOT_BACKUP, and the host hears HV_E_FAIL where hv_vss_daemon says yes.
+    VSSD.start(&vm);
+    wait_registered(&vm, &mut host, "vssd, for the apps");
+    let (code, out) = vm.shell("test -x /usr/bin/appvss", Duration::from_secs(10));
+    assert_eq!(code, 0, "the guest has no appvss CLI (tests/guest/build.sh builds it in; see its extras.err): {out}");
+    let apps_before = vssd_logged(&vm, "app registered");
+    vm.sh(
+        "appvss hold --name veto --socket /run/vssd/appvss.sock \
+           --on-prepare 'echo migrating >&2; exit 1' </dev/null >>/run/appvss-veto.log 2>&1 & echo $! >/run/appvss-veto.pid",
+    );
+    wait_vssd_logged(&vm, "app registered", apps_before + 1, "the vetoing app");
+    let a = answer(&mut host, "hot-backup");
+    assert_eq!(a.error, HV_E_FAIL, "an app's veto at HOT_BACKUP is HV_E_FAIL to the host");
+    let line = vm.sh("grep 'Hyper-V HOT_BACKUP' /run/vssd-hv.log | tail -n 1");
+    assert!(line.contains("migrating"), "vssd's log names the veto's reason: {line}");
+    assert_thawed(&vm, "after the vetoed HOT_BACKUP");
+    let gone = vssd_logged(&vm, "app disconnected");
+    vm.sh("kill $(cat /run/appvss-veto.pid); rm -f /run/appvss-veto.pid");
+    wait_vssd_logged(&vm, "app disconnected", gone + 1, "the vetoing app, killed");
+
+    // Without the veto, yes again; and an app holds for the FREEZE: its --on-freeze ran
+    // before the host got HV_S_OK, its --on-thaw after the THAW.
+    let apps_before = vssd_logged(&vm, "app registered");
+    vm.sh("rm -f /run/held-*; appvss hold --name holder --socket /run/vssd/appvss.sock \
+           --on-freeze 'touch /run/held-freeze' --on-thaw 'touch /run/held-thaw' \
+           </dev/null >>/run/appvss-holder.log 2>&1 & echo $! >/run/appvss-holder.pid");
+    wait_vssd_logged(&vm, "app registered", apps_before + 1, "the holding app");
+    assert_eq!(answer(&mut host, "hot-backup").error, HV_S_OK, "HOT_BACKUP once the veto is gone");
+    assert_eq!(answer(&mut host, "freeze").error, HV_S_OK, "FREEZE with apps");
+    let (code, _) = vm.shell("test -e /run/held-freeze && test ! -e /run/held-thaw", Duration::from_secs(10));
+    assert_eq!(code, 0, "the app's --on-freeze ran before HV_S_OK and it holds until the THAW");
+    assert_frozen(&vm, "vssd's FREEZE with apps");
+    assert_eq!(answer(&mut host, "thaw").error, HV_S_OK);
+    assert_thawed(&vm, "after the THAW of the FREEZE with apps");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while vm.shell("test -e /run/held-thaw", Duration::from_secs(10)).0 != 0 {
+        assert!(Instant::now() < deadline, "the app's --on-thaw never ran:\n{}", vm.sh("cat /run/appvss-holder.log"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    vm.sh("kill $(cat /run/appvss-holder.pid); rm -f /run/appvss-holder.pid");
+    VSSD.stop(&vm);
+}
+
+/// How many lines of vssd's Hyper-V log say `what` (`app registered`, `app disconnected`).
+fn vssd_logged(vm: &TestVm, what: &str) -> usize {
+    vm.sh(&format!("grep -c '{what}' /run/vssd-hv.log || true")).trim().parse().unwrap_or(0)
+}
+
+fn wait_vssd_logged(vm: &TestVm, what: &str, n: usize, who: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vssd_logged(vm, what) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{who}: vssd never logged `{what}`:\n{}",
+            vm.sh("tail -n 20 /run/vssd-hv.log")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
