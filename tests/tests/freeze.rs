@@ -423,6 +423,36 @@ fn freeze_thaws_everything_when_one_filesystem_fails() {
 
 #[test]
 #[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn a_filesystem_thawed_behind_vssds_back_fails_fithaw_and_the_thaw_still_ends_clean() {
+    // An admin runs `fsfreeze -u` on one of vssd's frozen filesystems: vssd's own FITHAW on
+    // it then fails for real (EINVAL, not frozen). The thaw must count it as thawed, thaw the
+    // rest, report no error and leave no marker that a later start would act on.
+    require_root!();
+    let sb = Sandbox::new("thawed_behind");
+    let a = sb.ext4("a");
+    let x = sb.xfs("x");
+    let vssd = Vssd::start(&sb);
+    let mut c = vssd.client();
+    assert_eq!(c.ok("guest-fsfreeze-freeze", None), json!(2));
+    let mut pa = assert_frozen(&a, Duration::from_millis(300), "a, frozen by vssd");
+    let mut px = assert_frozen(&x, Duration::from_millis(300), "x, frozen by vssd");
+    run("fsfreeze", &[OsStr::new("-u"), a.as_os_str()]);
+    pa.assert_completes(THAWED, "a, after the admin's fsfreeze -u");
+    assert!(
+        kmod_shim::freeze::thaw_path(&a).is_err_and(|e| e.raw_os_error() == Some(libc::EINVAL)),
+        "FITHAW on a filesystem no longer frozen fails with EINVAL (what vssd's thaw meets)"
+    );
+    let r = c.ok("vssd-thaw", None);
+    assert_eq!(r["thawed"], json!(2), "both count as thawed: {r}");
+    assert!(r["errors"].as_array().is_none_or(|e| e.is_empty()), "no error for a filesystem already thawed: {r}");
+    px.assert_completes(THAWED, "x, after vssd's thaw");
+    assert_eq!(c.ok("guest-fsfreeze-status", None), json!("thawed"));
+    assert!(!sb.state_dir().join("frozen.json").exists(), "the freeze marker is gone");
+    assert_writable(&a, THAWED, "a at the end");
+}
+
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
 fn second_freeze_while_frozen_is_refused_and_the_first_stays() {
     require_root!();
     let sb = Sandbox::new("second_freeze");
