@@ -353,6 +353,12 @@ impl<'a> Domain<'a> {
         dom
     }
 
+    /// A domain someone else defined (vmctl's `backup restore --as-vm`) whose files are in
+    /// `dir`: destroyed, undefined and its directory removed on drop, like the others.
+    pub fn adopt(lv: &'a Libvirtd, name: &str, dir: PathBuf) -> Domain<'a> {
+        Domain { name: name.to_string(), dir, _lv: lv }
+    }
+
     /// Starts the domain; returns once the guest's init said "ready" and the agent answers a
     /// guest-ping through libvirt.
     pub fn start(&self, limit: Duration) {

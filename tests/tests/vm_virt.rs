@@ -12,7 +12,7 @@
 //! checkpoint-delete --metadata`; restore; a remote URI (`qemu+tcp://127.0.0.1:PORT/system`),
 //! push and pull mode (NBD: a full and an incremental into a target on vmctl's side);
 //! `backup --all --parallel 2` over the three with one
-//! agent missing; `backup prune` on a chain.
+//! agent missing; `backup prune` on a chain; `backup restore --as-vm` as a new domain that boots.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -276,6 +276,45 @@ fn vmctl_connect_backs_up_libvirt_domains_consistently_and_keeps_their_checkpoin
     let failed: Vec<&Value> = a["backups"].as_array().unwrap().iter().filter(|b| b["ok"] != true).collect();
     assert_eq!(failed[0]["vm"], none.name.as_str(), "{a}");
     assert_eq!(failed[0]["exit-code"], 4, "{a}");
+
+    // Restore as a new libvirt domain, beside the original that still runs: the vssd domain's
+    // newest backup (a full), defined from its kept XML with the restored disks. It boots, its
+    // agent answers, and its SQLite writer works on the restored database.
+    for d in [&qga, &none] {
+        virsh_ok(&["destroy", &d.name]);
+    }
+    let name = format!("{}{}-restored", tests::libvirt::PREFIX, std::process::id());
+    let to = work.path().join("as-domain");
+    let r = vmctl_json_at(
+        URI,
+        &["backup", "restore", dir_of(&full2).to_str().unwrap(), "--as-vm", &name, "--to", to.to_str().unwrap()],
+        0,
+    );
+    let restored = Domain::adopt(&lv, &name, to.clone());
+    assert_eq!((r["vm"].as_str(), r["disks"].as_array().map(|a| a.len())), (Some(name.as_str()), Some(2)), "{r}");
+    let blk = virsh_ok(&["domblklist", &name]);
+    for dev in ["vda", "vdb"] {
+        let want = to.join(format!("{dev}.qcow2"));
+        assert!(
+            blk.contains(&format!("{dev} ")) && blk.contains(want.to_str().unwrap()),
+            "{dev} is not {}: {blk}",
+            want.display()
+        );
+    }
+    let xml = virsh_ok(&["dumpxml", &name, "--inactive"]);
+    assert!(!xml.contains("52:54:00:56:53:11"), "a new MAC, not the original's: {xml}");
+    assert!(xml.contains(&format!("{}/acks.log", to.display())), "its own file outputs: {xml}");
+    let again = vmctl_at(
+        URI,
+        &["backup", "restore", dir_of(&full2).to_str().unwrap(), "--as-vm", &name, "--to", "/nonexistent"],
+    );
+    assert_eq!(again.code, Some(1), "a name libvirt has is refused: {} {}", again.stdout, again.stderr);
+    assert!(again.stderr.contains("already"), "{}", again.stderr);
+    let t = Instant::now();
+    restored.start(BOOT);
+    restored.wait_acks("sqlite", 3, Duration::from_secs(120));
+    eprintln!("[test] the restored domain booted and its SQLite writer runs ({:.1} s)", t.elapsed().as_secs_f64());
+    drop(restored);
 
     let _ = virsh(&["list"]);
     eprintln!("[test] done in {:.1} s", t0.elapsed().as_secs_f64());

@@ -101,10 +101,12 @@ pub(crate) enum BackupAction {
     Restore {
         /// The backup directory.
         dir: PathBuf,
-        /// Write NAME.qcow2 per disk here.
+        /// Write NAME.qcow2 per disk here (with --connect and --as-vm: the new domain's disks).
         #[arg(long, value_name = "DIR", required_unless_present = "as_vm")]
         to: Option<PathBuf>,
-        /// Make a new VM with the restored disks (the backed-up VM's config).
+        /// Make a new VM with the restored disks (the backed-up VM's config). With --connect
+        /// (a local URI) and --to DIR: define a new libvirt domain from the backed-up domain
+        /// XML (new name, uuid and MACs; the restored disks; its file logs in DIR), not started.
         #[arg(long, value_name = "NAME")]
         as_vm: Option<String>,
     },

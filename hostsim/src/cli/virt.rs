@@ -3,7 +3,7 @@
 //! list|verify|restore` work on the target directory and need no libvirt: they are the
 //! common ones.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -42,14 +42,39 @@ pub(crate) fn run(cli: &Cli) -> Option<Result<u8, Fail>> {
             Ok(0)
         }),
         Cmd::Backup(b) if b.action.is_none() => backup(cli, b),
+        Cmd::Backup(BackupCmd { action: Some(BackupAction::Restore { dir, to, as_vm: Some(name) }), .. }) => {
+            restore_as_domain(cli, first, dir, to.as_deref(), name)
+        }
         Cmd::Backup(BackupCmd { action: Some(BackupAction::List { .. } | BackupAction::Verify { .. } | BackupAction::Prune { .. }), .. })
         | Cmd::Backup(BackupCmd { action: Some(BackupAction::Restore { as_vm: None, .. }), .. })
         | Cmd::Man => return None,
         _ => Err(Fail::new(
-            "with --connect, vmctl has list, status, fsfreeze, fsthaw, fsstatus, backup and backup list|verify|prune|restore --to",
+            "with --connect, vmctl has list, status, fsfreeze, fsthaw, fsstatus, backup and backup list|verify|prune|restore",
             2,
         )),
     })
+}
+
+/// `backup restore DIR --as-vm NAME --to DISKS` with --connect: a new libvirt domain.
+fn restore_as_domain(cli: &Cli, uri: &str, dir: &Path, to: Option<&Path>, name: &str) -> Result<u8, Fail> {
+    let Some(to) = to else {
+        return Err(Fail::new(
+            "with --connect, --as-vm needs --to DIR: where the restored disks live (libvirt's QEMU opens them there)",
+            2,
+        ));
+    };
+    let host = Host::open(uri)?;
+    let r = hostsim::libvirt::restore::restore_as_domain(&host, dir, to, name)?;
+    out(cli, json!({"ok": true, "vm": r.name, "uri": uri, "disks": r.disks, "xml": r.xml}), || {
+        format!(
+            "restored {} as libvirt domain {name} ({} disk(s) in {}, defined from {}); start it with `virsh -c {uri} start {name}`",
+            dir.display(),
+            r.disks.len(),
+            to.display(),
+            r.xml.display()
+        )
+    });
+    Ok(0)
 }
 
 fn with_domain(uri: &str, name: Option<&str>, f: impl FnOnce(&Dom) -> Result<u8, Fail>) -> Result<u8, Fail> {

@@ -27,6 +27,7 @@ use crate::qga::{AgentInfo, QgaError};
 use crate::quiesce::Agent;
 
 pub mod backup;
+pub mod restore;
 
 /// Errors of vmctl's libvirt side. Each says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +166,11 @@ impl Host {
             }
             Err(e) => Err(call(format!("looking up `{name}`"))(e)),
         }
+    }
+
+    /// Defines (does not start) a domain from `xml`.
+    pub fn define(&self, xml: &str) -> Result<(), LibvirtError> {
+        self.conn.define_domain_xml(xml).map(|_| ()).map_err(call("defining the restored domain"))
     }
 
     /// The hypervisor's version (`7.2.0`).
