@@ -237,6 +237,11 @@ fn create_in(
     // with its state saved frozen.
     let (frozen, quiesce) = quiesce(vm, req, running)?;
     timings.since(step::FREEZE, t_freeze);
+    // A vmctl killed from here until `cont` would leave the VM stopped and the guest frozen:
+    // the record lets the next vmctl command repair that ([`super::inflight`]).
+    let _in_flight = super::inflight::InFlight::begin(vm, running, frozen.is_some())
+        .map_err(io_err(format!("cannot write {}", vm.dir.join(super::inflight::FILE).display())))?;
+    util::test_halt("checkpoint-frozen");
 
     let created = util::timestamps(SystemTime::now()).0;
     let state_path = tmp.join(STATE_FILE);
@@ -294,6 +299,7 @@ fn create_in(
             return Err(e);
         }
     };
+    util::test_halt("checkpoint-saved");
     let mut thaw_error = None;
     if req.poweroff || req.suspend {
         // The saved state holds the guest frozen; the restore that brings it back thaws it.

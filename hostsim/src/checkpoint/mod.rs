@@ -50,6 +50,7 @@ use crate::quiesce::QuiesceError;
 use crate::vm::{Vm, VmError};
 
 pub mod create;
+pub mod inflight;
 pub mod manifest;
 pub mod migrate;
 pub mod restore;

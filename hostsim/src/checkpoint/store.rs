@@ -61,7 +61,12 @@ pub fn exposure_warnings(vm: &Vm) -> Vec<String> {
 
 /// Takes the VM's operation lock for `op` (shared with backups: [`crate::oplock`]).
 pub fn lock(vm: &Vm, op: &str) -> Result<OpLock, CheckpointError> {
-    Ok(OpLock::take(&vm.qmp_path(), &vm.config.name, op)?)
+    let l = OpLock::take(&vm.qmp_path(), &vm.config.name, op)?;
+    if let Some(what) = super::inflight::recover(vm) {
+        tracing::warn!("{what}");
+        eprintln!("vmctl: warning: {what}");
+    }
+    Ok(l)
 }
 
 /// Finds a complete checkpoint by name.

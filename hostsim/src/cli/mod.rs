@@ -235,6 +235,12 @@ pub(crate) fn resolve(cli: &Cli, name: Option<&str>) -> Result<Target, Fail> {
         return Err(Fail::new("name a VM, or attach to a QEMU with --qmp SOCK [--agent SOCK]", 2));
     };
     let vm = HVm::open(&cli.state_dir, name)?;
+    // A checkpoint create killed mid-way left the VM stopped and the guest frozen: repair
+    // that before anything else acts on the VM.
+    if let Some(what) = hostsim::checkpoint::inflight::recover(&vm) {
+        tracing::warn!("{what}");
+        eprintln!("vmctl: warning: {what}");
+    }
     if vm.pid().is_none() {
         return Err(Fail::new(format!("VM `{name}` is not running (`vmctl start {name}`)"), 3));
     }

@@ -113,9 +113,18 @@ pub(crate) fn status(cli: &Cli, name: Option<&str>) -> Result<u8, Fail> {
     if cli.qmp.is_none() {
         let Some(name) = name else { return Err(Fail::new("name a VM, or attach with --qmp SOCK", 2)) };
         let vm = Vm::open(&cli.state_dir, name)?;
+        let repaired = hostsim::checkpoint::inflight::recover(&vm);
+        if let Some(what) = &repaired {
+            tracing::warn!("{what}");
+            eprintln!("vmctl: warning: {what}");
+        }
         let st = vm.status()?;
         let agent = if st.pid.is_some() && vm.config.agent { agent_state(&vm.agent_path()) } else { Value::Null };
-        out(cli, json!({"ok": true, "status": st, "agent": agent}), || {
+        let mut doc = json!({"ok": true, "status": st, "agent": agent});
+        if let Some(what) = repaired {
+            doc["repaired"] = what.into();
+        }
+        out(cli, doc, || {
             let mut s = format!("{}: {}", st.name, st.state);
             if let Some(p) = st.pid {
                 s.push_str(&format!(" (pid {p}, {})", st.accel.clone().unwrap_or_default()));
