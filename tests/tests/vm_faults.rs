@@ -303,12 +303,13 @@ fn vmctl_killed_inside_a_checkpoint_create_is_repaired_by_the_next_command() {
         let a0 = e3_acks(&vm);
         std::thread::sleep(Duration::from_secs(2));
         assert_eq!(e3_acks(&vm), a0, "`{step}`: the guest is frozen while vmctl is halted there");
-        let stopped = run_state(&vm);
-        if step == "checkpoint-saved" {
-            assert_ne!(stopped, "running", "`{step}`: the create stopped the VM");
-        }
         child.kill().unwrap();
         child.wait().unwrap();
+        // QEMU serves one QMP client: ask only now that the halted vmctl is gone.
+        let stopped = run_state(&vm);
+        if step == "checkpoint-saved" {
+            assert_ne!(stopped, "running", "`{step}`: the create stopped the VM, and nothing resumed it");
+        }
         eprintln!("[vmctl killed] `{step}`: QEMU was {stopped} at the kill");
         let st = vm.vmctl_json(&["status", vm.name.as_str()], 0);
         let repaired = st["repaired"].as_str().unwrap_or_else(|| panic!("`{step}`: nothing repaired: {st}"));
