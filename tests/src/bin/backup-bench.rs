@@ -292,7 +292,7 @@ fn print_freeze(r: &Value, cycles: usize, vssd_first: f64, qga_first: f64) {
         println!("vssd's steps, ms since the request (medians): {}", steps.join(", "));
     }
     println!(
-        "vssd / qemu-ga: window {:.2}x, guest stall {:.2}x (target <= 0.5x)",
+        "vssd / qemu-ga: window {:.2}x, guest stall {:.2}x (targets: window <= 0.40x, stall <= 0.25x)",
         r["freeze"]["window_ratio"].as_f64().unwrap(),
         r["freeze"]["stall_ratio"].as_f64().unwrap()
     );
