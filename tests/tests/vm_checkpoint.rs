@@ -173,6 +173,17 @@ fn two_checkpoints_restore_in_either_order_with_their_own_memory_and_disks() {
     assert_eq!(names(&checkpoints(&vm).0), ["A", "B"]);
     let overlays = std::fs::read_dir(vm.dir().join("overlays")).unwrap().count();
     assert!(overlays <= 6, "unreferenced overlays pile up: {overlays}");
+
+    // Prune: keep the newest; B still restores after A went, and A's overlays went with it.
+    let p = vm.vmctl_json(&["checkpoint", "prune", "cktwo", "--keep-last", "1", "--dry-run"], 0);
+    assert_eq!((p["kept"].clone(), p["deleted"].clone()), (serde_json::json!(["B"]), serde_json::json!(["A"])), "{p}");
+    assert_eq!(names(&checkpoints(&vm).0), ["A", "B"], "a dry run deletes nothing");
+    let p = vm.vmctl_json(&["checkpoint", "prune", "cktwo", "--keep-last", "1"], 0);
+    assert_eq!(p["deleted"], serde_json::json!(["A"]), "{p}");
+    assert_eq!(names(&checkpoints(&vm).0), ["B"]);
+    restore(&vm, "B");
+    assert_counting(&vm);
+    assert_eq!(marks(&vm), ("B".to_string(), "diskB".to_string()), "B is whole after A was pruned");
 }
 
 #[test]

@@ -62,7 +62,9 @@ pub use manifest::{
     DiskRecord, FileRecord, ImageRecord, Manifest, QemuRecord, QuiesceRecord, FORMAT, MANIFEST, STATE_FILE,
 };
 pub use restore::{restore, resume, RestoreRequest, Restored};
-pub use store::{check_name, delete, destroy_all, exposure_warnings, find, list, Listing, SUSPEND_NAME, TMP_PREFIX};
+pub use store::{
+    check_name, delete, destroy_all, exposure_warnings, find, list, prune, Listing, Pruned, SUSPEND_NAME, TMP_PREFIX,
+};
 pub use stream::{run_sink, run_source, Digest};
 
 /// The steps a checkpoint's and a restore's [`crate::timings::Timings`] name.

@@ -179,6 +179,43 @@ pub fn destroy_all(vm: &Vm) -> Result<(usize, Vec<PathBuf>), CheckpointError> {
     Ok((n, collect_garbage(vm)?))
 }
 
+/// What `checkpoint prune` kept and deleted (names, newest first), and the overlays it freed.
+#[derive(Debug, serde::Serialize)]
+pub struct Pruned {
+    /// Kept: the newest `keep_last`, and the suspend checkpoint whatever its age.
+    pub kept: Vec<String>,
+    /// Deleted (or, with `dry_run`, to be deleted).
+    pub deleted: Vec<String>,
+    /// Overlays nothing references any more, removed.
+    pub removed_images: Vec<PathBuf>,
+}
+
+/// Keeps the newest `keep_last` complete checkpoints and deletes the older ones (`dry_run`:
+/// only says which). The suspend checkpoint is `vmctl resume`'s state, never pruned.
+/// Leftovers of interrupted creates are left to `destroyall`. Checkpoints do not depend on one
+/// another (each lists its own image chain), so any of them can go.
+pub fn prune(vm: &Vm, keep_last: usize, dry_run: bool) -> Result<Pruned, CheckpointError> {
+    let _l = lock(vm, "checkpoint prune")?;
+    let l = list(vm)?;
+    let mut kept = Vec::new();
+    let mut doomed = Vec::new();
+    for (p, m) in l.good.iter().rev() {
+        if m.name == SUSPEND_NAME || kept.len() < keep_last {
+            kept.push(m.name.clone());
+        } else {
+            doomed.push((p.clone(), m.name.clone()));
+        }
+    }
+    let mut removed_images = Vec::new();
+    if !dry_run && !doomed.is_empty() {
+        for (p, _) in &doomed {
+            remove_dir(p)?;
+        }
+        removed_images = collect_garbage(vm)?;
+    }
+    Ok(Pruned { kept, deleted: doomed.into_iter().map(|(_, n)| n).collect(), removed_images })
+}
+
 pub(crate) fn remove_dir(dir: &Path) -> Result<(), CheckpointError> {
     // Rename first: a directory half removed must not look like a checkpoint.
     let parent = dir.parent().unwrap_or(Path::new("."));
@@ -224,6 +261,31 @@ mod tests {
         assert_eq!(n, 0);
         let l = list(&vm).unwrap();
         assert!(l.leftovers.is_empty() && l.unreadable.is_empty(), "{l:?}");
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_and_the_suspend_checkpoint() {
+        let root = tempfile::tempdir().unwrap();
+        let vm = Vm { dir: root.path().join("web1"), config: VmConfig::new("web1") };
+        let cdir = vm.checkpoints_dir();
+        for (i, name) in ["c1", SUSPEND_NAME, "c2", "c3", "c4"].iter().enumerate() {
+            let mut m = sample_manifest();
+            m.name = name.to_string();
+            m.created = format!("2026-12-0{}T00:00:00Z", i + 1);
+            std::fs::create_dir_all(cdir.join(name)).unwrap();
+            std::fs::write(cdir.join(name).join(MANIFEST), m.to_bytes()).unwrap();
+        }
+        let p = prune(&vm, 2, true).unwrap();
+        assert_eq!(
+            (p.kept.clone(), p.deleted.clone()),
+            (vec!["c4".into(), "c3".into(), SUSPEND_NAME.into()], vec!["c2".into(), "c1".into()])
+        );
+        assert_eq!(list(&vm).unwrap().good.len(), 5, "a dry run deletes nothing");
+        prune(&vm, 2, false).unwrap();
+        let names: Vec<String> = list(&vm).unwrap().good.into_iter().map(|(_, m)| m.name).collect();
+        assert_eq!(names, [SUSPEND_NAME, "c3", "c4"]);
+        let p = prune(&vm, 0, false).unwrap();
+        assert_eq!(p.kept, [SUSPEND_NAME], "never the suspend checkpoint");
     }
 
     #[test]

@@ -39,6 +39,18 @@ pub(crate) enum CheckpointAction {
         /// The VM.
         vm: String,
     },
+    /// Keep the newest N checkpoints and delete the older ones (never the suspend checkpoint;
+    /// leftovers of interrupted creates are for destroyall).
+    Prune {
+        /// The VM.
+        vm: String,
+        /// How many of the newest checkpoints to keep.
+        #[arg(long, value_name = "N")]
+        keep_last: usize,
+        /// Say what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `vmctl checkpoint create`.
@@ -222,6 +234,21 @@ pub(crate) fn checkpoint(cli: &Cli, a: &CheckpointAction) -> Result<u8, Fail> {
                 if !removed.is_empty() {
                     s.push_str(&format!(" and {} image(s) nothing uses any more", removed.len()));
                 }
+                s
+            });
+            Ok(0)
+        }
+        CheckpointAction::Prune { vm, keep_last, dry_run } => {
+            let vm = open(cli, vm)?;
+            let p = ck::prune(&vm, *keep_last, *dry_run)?;
+            let doc = json!({"ok": true, "dry-run": dry_run, "kept": p.kept, "deleted": p.deleted, "removed-images": p.removed_images});
+            out(cli, doc, || {
+                let verb = if *dry_run { "would delete" } else { "deleted" };
+                let mut s = format!("kept {}", if p.kept.is_empty() { "none".into() } else { p.kept.join(", ") });
+                s.push_str(&format!(
+                    "\n{verb} {}",
+                    if p.deleted.is_empty() { "none".into() } else { p.deleted.join(", ") }
+                ));
                 s
             });
             Ok(0)
