@@ -204,6 +204,10 @@ fn exit_code(e: &(dyn std::error::Error + 'static)) -> u8 {
     if let Some(e) = e.downcast_ref::<hostsim::libvirt::restore::RestoreError>() {
         return e.exit_code();
     }
+    #[cfg(feature = "libvirt")]
+    if let Some(e) = e.downcast_ref::<hostsim::libvirt::checkpoint::CheckpointError>() {
+        return e.exit_code();
+    }
     match e.downcast_ref::<VmError>() {
         Some(VmError::NotFound { .. } | VmError::NotRunning(_)) => 3,
         Some(VmError::BadName(_)) => 2,

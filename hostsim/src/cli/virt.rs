@@ -15,7 +15,11 @@ use hostsim::libvirt::backup::{self as lvbackup, Request};
 use hostsim::libvirt::{Dom, Host};
 use hostsim::util;
 
+use hostsim::libvirt::checkpoint as lvck;
+use hostsim::quiesce::Quiesce;
+
 use super::backup::{BackupAction, BackupCmd};
+use super::checkpoint::CheckpointAction;
 use super::{out, Cli, Cmd, Fail};
 
 /// Runs `cli.cmd` on libvirt's domains; None for the commands that do not need libvirt.
@@ -48,11 +52,110 @@ pub(crate) fn run(cli: &Cli) -> Option<Result<u8, Fail>> {
         Cmd::Backup(BackupCmd { action: Some(BackupAction::List { .. } | BackupAction::Verify { .. } | BackupAction::Prune { .. }), .. })
         | Cmd::Backup(BackupCmd { action: Some(BackupAction::Restore { as_vm: None, .. }), .. })
         | Cmd::Man => return None,
+        Cmd::Checkpoint(a) => checkpoint(cli, first, a),
+        // Suspend to disk and back: libvirt's managed save (`virsh managedsave`; `virsh
+        // start` restores it and discards it).
+        Cmd::Suspend(a) if a.quiesce == Quiesce::Off => with_domain(first, Some(&a.vm), |d| {
+            let t = std::time::Instant::now();
+            d.virsh(&["managedsave", "{}"])?;
+            let ms = util::ms(t.elapsed());
+            out(cli, json!({"ok": true, "vm": d.name, "state": d.status()?.state, "took_ms": ms}), || {
+                format!("suspended {} to disk in {ms:.0} ms (libvirt's managed save); `vmctl --connect URI resume {}` brings it back", d.name, d.name)
+            });
+            Ok(0)
+        }),
+        Cmd::Resume(a) => with_domain(first, Some(&a.vm), |d| {
+            if !d.virsh(&["dominfo", "{}"])?.lines().any(|l| l.starts_with("Managed save:") && l.trim_end().ends_with("yes")) {
+                return Err(Fail::new(format!("domain `{}` has no managed save to resume (`vmctl --connect URI suspend {}` makes one)", d.name, d.name), 1));
+            }
+            d.virsh(&["start", "{}"])?;
+            out(cli, json!({"ok": true, "vm": d.name, "state": d.status()?.state}), || format!("resumed {}", d.name));
+            Ok(0)
+        }),
+        Cmd::Start { name, checkpoint: Some(c), .. } => with_domain(first, Some(name), |d| {
+            let redefined = lvck::restore(d, &cli.state_dir, c)?;
+            out(cli, json!({"ok": true, "vm": d.name, "checkpoint": c, "redefined": redefined}), || {
+                let again = if redefined { " (its libvirt metadata redefined from vmctl's manifest)" } else { "" };
+                format!("domain {} is back at checkpoint {c}{again}, running", d.name)
+            });
+            Ok(0)
+        }),
         _ => Err(Fail::new(
-            "with --connect, vmctl has list, status, fsfreeze, fsthaw, fsstatus, backup and backup list|verify|prune|restore",
+            "with --connect, vmctl has list, status, fsfreeze, fsthaw, fsstatus, backup and backup list|verify|prune|restore, checkpoint create|list|delete|prune|destroyall, start --checkpoint, suspend (no --quiesce) and resume",
             2,
         )),
     })
+}
+
+/// `checkpoint ...` on a libvirt domain ([`hostsim::libvirt::checkpoint`]).
+fn checkpoint(cli: &Cli, uri: &str, a: &CheckpointAction) -> Result<u8, Fail> {
+    match a {
+        CheckpointAction::Create(c) => {
+            if c.live || c.bandwidth.is_some() || c.quiesce != Quiesce::Off {
+                return Err(Fail::new(
+                    "with --connect, a checkpoint is libvirt's internal snapshot: no --live, --bandwidth or --quiesce (it holds the RAM, so a restore is exact)",
+                    2,
+                ));
+            }
+            with_domain(uri, Some(&c.vm), |d| {
+                let m = lvck::create(d, &cli.state_dir, c.name.as_deref(), c.poweroff)?;
+                out(
+                    cli,
+                    json!({"ok": true, "vm": d.name, "name": m.name, "created": m.created, "poweroff": m.poweroff, "took_ms": m.took_ms}),
+                    || {
+                        let off = if m.poweroff { "; the domain is off" } else { "" };
+                        format!("checkpoint {} of {} in {:.0} ms{off}", m.name, d.name, m.took_ms)
+                    },
+                );
+                Ok(0)
+            })
+        }
+        CheckpointAction::List { vm } => with_domain(uri, Some(vm), |d| {
+            let l = lvck::list(d, &cli.state_dir)?;
+            out(cli, json!({"ok": true, "vm": d.name, "checkpoints": l}), || {
+                let mut s = format!("{:<24} {:<26} {}", "NAME", "CREATED", "KEPT BY");
+                for e in &l {
+                    let by = match (e.in_libvirt, e.in_vmctl) {
+                        (true, true) => "libvirt, vmctl",
+                        (true, false) => "libvirt only",
+                        (false, _) => "vmctl only (restore redefines it)",
+                    };
+                    s.push_str(&format!("\n{:<24} {:<26} {by}", e.name, e.created));
+                }
+                s
+            });
+            Ok(0)
+        }),
+        CheckpointAction::Delete { vm, name } => with_domain(uri, Some(vm), |d| {
+            lvck::delete(d, &cli.state_dir, name)?;
+            out(cli, json!({"ok": true, "deleted": name}), || format!("deleted checkpoint {name}"));
+            Ok(0)
+        }),
+        CheckpointAction::Destroyall { vm } => with_domain(uri, Some(vm), |d| {
+            let l = lvck::list(d, &cli.state_dir)?;
+            for e in &l {
+                lvck::delete(d, &cli.state_dir, &e.name)?;
+            }
+            out(cli, json!({"ok": true, "deleted": l.len()}), || format!("deleted {} checkpoint(s)", l.len()));
+            Ok(0)
+        }),
+        CheckpointAction::Prune { vm, keep_last, dry_run } => with_domain(uri, Some(vm), |d| {
+            let l = lvck::list(d, &cli.state_dir)?;
+            let (kept, doomed): (Vec<_>, Vec<_>) = l.iter().rev().enumerate().partition(|(i, _)| *i < *keep_last);
+            let kept: Vec<&str> = kept.iter().map(|(_, e)| e.name.as_str()).collect();
+            let doomed: Vec<&str> = doomed.iter().map(|(_, e)| e.name.as_str()).collect();
+            if !dry_run {
+                for n in &doomed {
+                    lvck::delete(d, &cli.state_dir, n)?;
+                }
+            }
+            out(cli, json!({"ok": true, "dry-run": dry_run, "kept": kept, "deleted": doomed}), || {
+                let verb = if *dry_run { "would delete" } else { "deleted" };
+                format!("kept {}\n{verb} {}", kept.join(", "), doomed.join(", "))
+            });
+            Ok(0)
+        }),
+    }
 }
 
 /// `backup restore DIR --as-vm NAME --to DISKS` with --connect: a new libvirt domain.

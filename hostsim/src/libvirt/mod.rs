@@ -27,6 +27,7 @@ use crate::qga::{AgentInfo, QgaError};
 use crate::quiesce::Agent;
 
 pub mod backup;
+pub mod checkpoint;
 pub mod restore;
 
 /// Errors of vmctl's libvirt side. Each says what to do.
@@ -250,6 +251,11 @@ impl Dom {
     /// True when it runs (or is paused: its QEMU is there).
     pub fn is_active(&self) -> bool {
         self.dom.is_active().unwrap_or(false)
+    }
+
+    /// Its uuid.
+    pub fn uuid(&self) -> Result<String, LibvirtError> {
+        self.dom.uuid_string().map_err(call(format!("the uuid of `{}`", self.name)))
     }
 
     /// Its live XML.
