@@ -276,6 +276,31 @@ fn vmctl_connect_backs_up_libvirt_domains_consistently_and_keeps_their_checkpoin
     let failed: Vec<&Value> = a["backups"].as_array().unwrap().iter().filter(|b| b["ok"] != true).collect();
     assert_eq!(failed[0]["vm"], none.name.as_str(), "{a}");
     assert_eq!(failed[0]["exit-code"], 4, "{a}");
+    // Two hosts, one of them not there: its failure is one entry, the reachable host's domains
+    // are all backed up, and the exit code says that not everything succeeded.
+    let gone = "qemu+tcp://127.0.0.1:1/system";
+    let a = vmctl_json_at(
+        URI,
+        &[
+            "--connect",
+            gone,
+            "backup",
+            "--all",
+            "--parallel",
+            "2",
+            "--name-prefix",
+            &prefix,
+            "--target",
+            all.to_str().unwrap(),
+        ],
+        1,
+    );
+    assert_eq!((a["failed"].as_u64(), a["backups"].as_array().map(|b| b.len())), (Some(0), Some(3)), "{a}");
+    assert_eq!(
+        (a["unreachable"][0]["uri"].as_str(), a["unreachable"][0]["exit-code"].as_u64()),
+        (Some(gone), Some(3)),
+        "{a}"
+    );
 
     // Restore as a new libvirt domain, beside the original that still runs: the vssd domain's
     // newest backup (a full), defined from its kept XML with the restored disks. It boots, its

@@ -351,12 +351,25 @@ fn backup(cli: &Cli, b: &BackupCmd) -> Result<u8, Fail> {
 /// TARGET/DOMAIN; one line each and a summary. One failure stops nothing else.
 fn backup_all(cli: &Cli, b: &BackupCmd, target: &std::path::Path) -> Result<u8, Fail> {
     let mut jobs = Vec::new();
+    // A host that cannot be reached is one failure, like a domain's: the others go on.
+    let mut unreachable = Vec::new();
     for uri in &cli.connect {
-        for d in Host::open(uri)?.running()? {
-            if b.name_prefix.as_ref().is_some_and(|p| !d.starts_with(p.as_str())) {
-                continue;
+        match Host::open(uri).and_then(|h| h.running()) {
+            Ok(doms) => {
+                for d in doms {
+                    if b.name_prefix.as_ref().is_some_and(|p| !d.starts_with(p.as_str())) {
+                        continue;
+                    }
+                    jobs.push((uri.clone(), d));
+                }
             }
-            jobs.push((uri.clone(), d));
+            Err(e) => {
+                let v = json!({"ok": false, "vm": "(host)", "uri": uri, "error": util::error_chain(&e), "exit-code": e.exit_code()});
+                if !cli.json {
+                    println!("{}  ({uri})", line(&v));
+                }
+                unreachable.push(v);
+            }
         }
     }
     let next = AtomicUsize::new(0);
@@ -387,13 +400,18 @@ fn backup_all(cli: &Cli, b: &BackupCmd, target: &std::path::Path) -> Result<u8, 
     });
     let results: Vec<Value> = results.into_inner().unwrap().into_iter().flatten().collect();
     let failed = results.iter().filter(|r| r["ok"] != json!(true)).count();
-    let ok = failed == 0;
-    let summary = format!("{} of {} domain(s) backed up, {failed} failed", results.len() - failed, results.len());
+    let ok = failed == 0 && unreachable.is_empty();
+    let mut summary = format!("{} of {} domain(s) backed up, {failed} failed", results.len() - failed, results.len());
+    if !unreachable.is_empty() {
+        summary.push_str(&format!("; {} host(s) not reached", unreachable.len()));
+    }
     if cli.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"ok": ok, "backups": results, "failed": failed, "summary": summary}))
-                .unwrap()
+            serde_json::to_string_pretty(
+                &json!({"ok": ok, "backups": results, "failed": failed, "unreachable": unreachable, "summary": summary})
+            )
+            .unwrap()
         );
     } else {
         println!("{summary}");
