@@ -31,8 +31,28 @@ pub trait Kernel: Send + Sync {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealKernel;
 
+/// **Test only**: `VSSD_TEST_FAULT=slow-freeze:MOUNTPOINT:MS` makes FIFREEZE of that mount
+/// point wait MS first, so that a root-tier test can hang up or kill vssd between the
+/// filesystems of one freeze (one level frozen, the next not yet) on real filesystems. Read
+/// once; nothing else sets it.
+fn test_slow_freeze() -> Option<&'static (PathBuf, std::time::Duration)> {
+    static SLOW: std::sync::OnceLock<Option<(PathBuf, std::time::Duration)>> = std::sync::OnceLock::new();
+    SLOW.get_or_init(|| {
+        let v = std::env::var("VSSD_TEST_FAULT").ok()?;
+        let rest = v.strip_prefix("slow-freeze:")?;
+        let (path, ms) = rest.rsplit_once(':')?;
+        Some((PathBuf::from(path), std::time::Duration::from_millis(ms.parse().ok()?)))
+    })
+    .as_ref()
+}
+
 impl Kernel for RealKernel {
     fn freeze(&self, mount_point: &Path) -> io::Result<()> {
+        if let Some((p, d)) = test_slow_freeze() {
+            if p == mount_point {
+                std::thread::sleep(*d);
+            }
+        }
         kmod_shim::freeze::freeze_path(mount_point)
     }
     fn thaw(&self, mount_point: &Path) -> io::Result<()> {

@@ -23,6 +23,7 @@ pub struct VssdBuilder<'a> {
     deadline_s: u64,
     grace_s: u64,
     extra: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
 }
 
 impl<'a> VssdBuilder<'a> {
@@ -47,6 +48,12 @@ impl<'a> VssdBuilder<'a> {
     /// Any further argument.
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
         self.extra.push(a.as_ref().to_os_string());
+        self
+    }
+
+    /// An environment variable for vssd (the test-only `VSSD_TEST_FAULT`).
+    pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Self {
+        self.env.push((k.as_ref().to_os_string(), v.as_ref().to_os_string()));
         self
     }
 
@@ -76,7 +83,7 @@ impl<'a> VssdBuilder<'a> {
             args.push("--no-dbus".into());
         }
         args.extend(self.extra);
-        let mut v = Vssd { sb, child: None, socket, args, log: sb.root().join("vssd.log") };
+        let mut v = Vssd { sb, child: None, socket, args, env: self.env, log: sb.root().join("vssd.log") };
         v.spawn();
         v
     }
@@ -88,13 +95,14 @@ pub struct Vssd<'a> {
     child: Option<Child>,
     socket: PathBuf,
     args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
     log: PathBuf,
 }
 
 impl<'a> Vssd<'a> {
     /// Options, then `.start()`. Defaults: deadline 10 s, channel-drop grace 1 s.
     pub fn builder(sb: &'a Sandbox) -> VssdBuilder<'a> {
-        VssdBuilder { sb, deadline_s: 10, grace_s: 1, extra: Vec::new() }
+        VssdBuilder { sb, deadline_s: 10, grace_s: 1, extra: Vec::new(), env: Vec::new() }
     }
 
     /// Starts with the defaults.
@@ -107,7 +115,11 @@ impl<'a> Vssd<'a> {
         let vssd = bin("vssd");
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open vssd log");
         let mut cmd = Command::new(vssd);
-        cmd.args(&self.args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         let mut child = cmd.spawn().expect("start vssd");
         wait_for_socket(&self.socket, &mut child, Duration::from_secs(20), &self.log);
         self.child = Some(child);

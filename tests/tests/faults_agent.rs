@@ -561,3 +561,82 @@ fn a_process_outside_root_and_the_vssd_group_cannot_register_an_app() {
     assert_eq!(c.ok("guest-fsfreeze-freeze", None), json!(1));
     assert_eq!(c.ok("guest-fsfreeze-thaw", None), json!(1));
 }
+
+/// Between the filesystems of one freeze, on real filesystems: `inner` lives in an image on
+/// `outer`, so the plan freezes inner (level 0), then outer (level 1); vssd's test-only
+/// `VSSD_TEST_FAULT=slow-freeze:OUTER:MS` holds outer's FIFREEZE back for 3 s. Returns once
+/// inner is frozen and outer still takes writes: the moment between the two.
+fn between_filesystems(sb: &Sandbox) -> (PathBuf, PathBuf, Vssd<'_>, UnixStream, WriteProbe) {
+    let outer = sb.ext4("outer");
+    let inner = sb.nested(Fs::Ext4, &outer, "inner");
+    let v = Vssd::builder(sb)
+        .deadline(DEADLINE_S)
+        .grace(GRACE_S)
+        .env("VSSD_TEST_FAULT", format!("slow-freeze:{}:3000", outer.display()))
+        .start();
+    let mut host = UnixStream::connect(v.socket()).unwrap();
+    host.write_all(b"{\"execute\":\"guest-fsfreeze-freeze\"}\n").unwrap();
+    // (Observed by writes only: a probing FIFREEZE of our own would race vssd's.)
+    let end = Instant::now() + Duration::from_secs(2);
+    let blocked = loop {
+        let mut p = WriteProbe::start(&inner);
+        if p.wait(Duration::from_millis(150)).is_none() {
+            break p;
+        }
+        assert!(Instant::now() < end, "inner never froze");
+    };
+    assert_writable(&outer, Duration::from_secs(1), "outer, level 1, not frozen yet");
+    (outer, inner, v, host, blocked)
+}
+
+/// The cell: the host hangs up between the filesystems of its freeze. Expected: the freeze
+/// completes (outer freezes too), then the channel-drop grace thaws both, long before the
+/// deadline (`channel-closed`); vssd serves the next host.
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn host_hangs_up_between_the_filesystems_of_a_freeze_then_the_grace_thaws_both() {
+    require_root!();
+    let sb = Sandbox::new("hangup_between");
+    let t0 = Instant::now();
+    let (outer, _inner, v, host, mut blocked) = between_filesystems(&sb);
+    drop(host);
+    let mut c = v.client();
+    let end = Instant::now() + Duration::from_secs(6);
+    while c.ok("vssd-status", None)["state"] != json!("frozen") {
+        assert!(Instant::now() < end, "the freeze of a host that hung up never completed");
+        thread::sleep(Duration::from_millis(20));
+    }
+    blocked.assert_completes(Duration::from_secs(5), "inner: thawed by the channel-drop grace");
+    assert_writable(&outer, Duration::from_secs(1), "outer: thawed with it");
+    assert!(t0.elapsed() < Duration::from_secs(9), "thawed only after {:?} (deadline 10 s)", t0.elapsed());
+    assert_eq!(last_auto_thaw_reason(&mut c), "channel-closed");
+    assert_eq!(c.ok("guest-fsfreeze-freeze", None), json!(2));
+    assert_eq!(c.ok("guest-fsfreeze-thaw", None), json!(2));
+}
+
+/// The cell: vssd SIGKILLed between the filesystems of a freeze. Expected: the marker, written
+/// before the first FIFREEZE, lists both; inner stays frozen with nobody to thaw it until the
+/// next start, which thaws it (outer, never frozen, counts as thawed) and reports
+/// `recovered-after-crash`.
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn vssd_killed_between_the_filesystems_of_a_freeze_is_thawed_by_the_next_start() {
+    require_root!();
+    let sb = Sandbox::new("kill_between");
+    let (outer, inner, mut v, _host, mut blocked) = between_filesystems(&sb);
+    let marker = sb.state_dir().join("frozen.json");
+    let listed = std::fs::read_to_string(&marker).expect("the marker is written before the first FIFREEZE");
+    for m in [&inner, &outer] {
+        assert!(listed.contains(m.to_str().unwrap()), "the marker lists {}: {listed}", m.display());
+    }
+    v.kill9();
+    let mut still = assert_frozen(&inner, Duration::from_millis(500), "inner, with vssd gone");
+    assert_writable(&outer, Duration::from_secs(1), "outer never froze");
+    v.restart();
+    still.assert_completes(Duration::from_secs(2), "inner: thawed by the next start");
+    blocked.assert_completes(Duration::from_secs(1), "inner's first writer");
+    assert!(!marker.exists(), "the marker is gone after recovery");
+    let mut c = v.client();
+    assert_eq!(last_auto_thaw_reason(&mut c), "recovered-after-crash");
+    assert_eq!(c.ok("guest-fsfreeze-status", None), json!("thawed"));
+}
