@@ -194,7 +194,11 @@ fn vssd_killed_during(step: &str) {
     };
     hook(&sb, "10-h", &body);
     let mut v = Vssd::builder(&sb).deadline(DEADLINE_S).grace(GRACE_S).start();
-    let app = (step == "prepare").then(|| slow_app(&sb.app_socket(), "slow", Duration::from_secs(3), Duration::ZERO));
+    let app = match step {
+        "prepare" => Some(slow_app(&sb.app_socket(), "slow", Duration::from_secs(3), Duration::ZERO)),
+        "app-freeze" => Some(slow_app(&sb.app_socket(), "slow", Duration::ZERO, Duration::from_secs(3))),
+        _ => None,
+    };
     let sock = v.socket().to_path_buf();
     let host = thread::spawn(move || {
         let mut c = QgaClient::connect(&sock).unwrap();
@@ -204,7 +208,7 @@ fn vssd_killed_during(step: &str) {
         }
     });
     match step {
-        "prepare" | "hooks" => thread::sleep(Duration::from_millis(1000)),
+        "prepare" | "app-freeze" | "hooks" => thread::sleep(Duration::from_millis(1000)),
         "frozen" | "thaw-hooks" => {
             // Until the freeze is in force (and, for thaw-hooks, the thaw hook is running).
             let end = Instant::now() + Duration::from_secs(8);
@@ -223,9 +227,9 @@ fn vssd_killed_during(step: &str) {
     v.kill9();
     let _ = host.join();
     match step {
-        "prepare" => {
-            assert!(!had_marker, "prepare: no marker before the freeze hooks");
-            assert_writable(&e, Duration::from_secs(1), "prepare: nothing froze before the kill");
+        "prepare" | "app-freeze" => {
+            assert!(!had_marker, "{step}: no marker before the freeze hooks");
+            assert_writable(&e, Duration::from_secs(1), &format!("{step}: nothing froze before the kill"));
         }
         "hooks" => {
             assert!(had_marker, "hooks: the marker lists the hooks before they run");
@@ -263,6 +267,13 @@ fn vssd_killed_during(step: &str) {
 fn vssd_killed_during_app_prepare_leaves_nothing_frozen_and_restarts_clean() {
     require_root!();
     vssd_killed_during("prepare");
+}
+
+#[test]
+#[ignore = "root tier: needs root; tests/run-all.sh runs it"]
+fn vssd_killed_during_the_apps_freeze_leaves_nothing_frozen_and_restarts_clean() {
+    require_root!();
+    vssd_killed_during("app-freeze");
 }
 
 #[test]
