@@ -12,7 +12,9 @@
 //! more file descriptors than at the baseline, at most 4 more threads (tokio's blocking
 //! threads live 10 s after their last job), and at most 2 MiB more resident memory; and from
 //! the middle of the run to its end resident memory may grow by at most 256 KiB (a flat line:
-//! a leak keeps rising, an allocator settles early). RSS is printed every tenth of the run.
+//! a leak keeps rising, an allocator settles early). RSS is printed every tenth of the run,
+//! split into anonymous (heap, stacks: where a leak would show) and file-backed (vssd's code
+//! and libc, mapped as they are first run).
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -68,12 +70,15 @@ fn parse_opts() -> Opts {
     o
 }
 
-/// vssd's file descriptors, threads and resident memory (KiB).
+/// vssd's file descriptors, threads and resident memory (KiB): all of it, and its anonymous
+/// (heap, stacks, written data) and file-backed (code, read-only data) parts.
 #[derive(Debug, Clone, Copy)]
 struct Usage {
     fds: i64,
     threads: i64,
     rss_kib: i64,
+    anon_kib: i64,
+    file_kib: i64,
 }
 
 fn usage_of(pid: u32) -> Usage {
@@ -87,7 +92,17 @@ fn usage_of(pid: u32) -> Usage {
             .and_then(|v| v.parse().ok())
             .unwrap_or(-1)
     };
-    Usage { fds, threads: field("Threads:"), rss_kib: field("VmRSS:") }
+    Usage {
+        fds,
+        threads: field("Threads:"),
+        rss_kib: field("VmRSS:"),
+        anon_kib: field("RssAnon:"),
+        file_kib: field("RssFile:"),
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({"fds": u.fds, "threads": u.threads, "rss-kib": u.rss_kib, "anon-kib": u.anon_kib, "file-kib": u.file_kib})
 }
 
 /// A writer: small files written and fsynced in a loop (blocked while frozen), rotating
@@ -185,7 +200,7 @@ fn main() {
     // RSS (KiB) after the warm-up and then every tenth of the run: a leak is a line that keeps
     // rising, the allocator settling is a step early on and then flat.
     let every = (o.cycles / 10).max(1);
-    let mut samples: Vec<(usize, i64)> = Vec::new();
+    let mut samples: Vec<(usize, Usage)> = Vec::new();
     let started = Instant::now();
     let n = dirs.len() as u64;
     for cycle in 0..o.warmup + o.cycles {
@@ -193,7 +208,7 @@ fn main() {
             base = usage_of(vssd.pid());
         }
         if cycle >= o.warmup && (cycle - o.warmup).is_multiple_of(every) {
-            samples.push((cycle - o.warmup, usage_of(vssd.pid()).rss_kib));
+            samples.push((cycle - o.warmup, usage_of(vssd.pid())));
         }
         let t = Instant::now();
         let f = c.call("guest-fsfreeze-freeze", None);
@@ -223,7 +238,7 @@ fn main() {
     // Lets the last THAWs reach the apps (threads get an allowance instead of a 10 s wait).
     thread::sleep(Duration::from_millis(200));
     let end = usage_of(vssd.pid());
-    samples.push((o.cycles, end.rss_kib));
+    samples.push((o.cycles, end));
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         let _ = w.join();
@@ -245,7 +260,8 @@ fn main() {
             failures.push(format!("vssd's {what} grew from {b} to {e} (allowed: +{allowed})"));
         }
     }
-    let mid = samples.iter().find(|(c, _)| *c >= o.cycles / 2).map(|s| s.1).unwrap_or(end.rss_kib);
+    let mid_usage = samples.iter().find(|(c, _)| *c >= o.cycles / 2).map(|s| s.1).unwrap_or(end);
+    let mid = mid_usage.rss_kib;
     if mid < 0 || end.rss_kib - mid > SECOND_HALF_RSS_ALLOWANCE_KIB {
         failures.push(format!(
             "vssd's resident memory still grew in the second half: {mid} -> {} KiB (allowed: +{SECOND_HALF_RSS_ALLOWANCE_KIB})",
@@ -261,10 +277,12 @@ fn main() {
         "writes": written.load(Ordering::Relaxed),
         "freeze-ms": stats(&mut freeze_ms),
         "thaw-ms": stats(&mut thaw_ms),
-        "vssd-start": {"fds": base.fds, "threads": base.threads, "rss-kib": base.rss_kib},
-        "vssd-end": {"fds": end.fds, "threads": end.threads, "rss-kib": end.rss_kib},
+        "vssd-start": usage_json(&base),
+        "vssd-end": usage_json(&end),
         "rss-kib-middle": mid,
-        "rss-kib-samples": samples.iter().map(|(c, r)| json!([c, r])).collect::<Vec<_>>(),
+        "anon-kib-middle": mid_usage.anon_kib,
+        // [cycle, rss, anonymous, file-backed]
+        "rss-kib-samples": samples.iter().map(|(c, u)| json!([c, u.rss_kib, u.anon_kib, u.file_kib])).collect::<Vec<_>>(),
         "failures": failures,
     });
     if o.json {
@@ -285,11 +303,22 @@ fn main() {
             println!("  {k:<10} p50 {:.2}  p99 {:.2}  max {:.2}", f("p50"), f("p99"), f("max"));
         }
         println!(
-            "  vssd       fds {} -> {}   threads {} -> {}   rss {} -> {} KiB",
-            base.fds, end.fds, base.threads, end.threads, base.rss_kib, end.rss_kib
+            "  vssd       fds {} -> {}   threads {} -> {}   rss {} -> {} KiB (anonymous {} -> {}, file-backed {} -> {})",
+            base.fds,
+            end.fds,
+            base.threads,
+            end.threads,
+            base.rss_kib,
+            end.rss_kib,
+            base.anon_kib,
+            end.anon_kib,
+            base.file_kib,
+            end.file_kib
         );
-        let line: Vec<String> = samples.iter().map(|(c, r)| format!("{c}:{r}")).collect();
+        let line: Vec<String> = samples.iter().map(|(c, u)| format!("{c}:{}", u.rss_kib)).collect();
         println!("  rss KiB by cycle (start, middle {mid}, end {}): {}", end.rss_kib, line.join(" "));
+        let line: Vec<String> = samples.iter().map(|(c, u)| format!("{c}:{}/{}", u.anon_kib, u.file_kib)).collect();
+        println!("  anonymous/file-backed KiB by cycle: {}", line.join(" "));
         for f in report["failures"].as_array().unwrap() {
             println!("  FAILED: {}", f.as_str().unwrap());
         }
