@@ -27,10 +27,14 @@ struct Opts {
     throughput_only: bool,
     /// Size of the big disk of the throughput part, GiB (0: none).
     disk_gib: u64,
+    /// More arguments for the guest's vssd.
+    vssd_args: Vec<String>,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: backup-bench [--cycles N] [--bulk-mib M] [--disk-size GIB(G)] [--throughput-only] [--json]");
+    eprintln!(
+        "usage: backup-bench [--cycles N] [--bulk-mib M] [--disk-size GIB(G)] [--throughput-only] [--vssd-arg ARG]... [--json]"
+    );
     std::process::exit(2);
 }
 
@@ -174,7 +178,8 @@ fn summary(c: &mut Cycles) -> Value {
 }
 
 fn main() {
-    let mut o = Opts { cycles: 7, bulk_mib: 240, json: false, throughput_only: false, disk_gib: 2 };
+    let mut o =
+        Opts { cycles: 7, bulk_mib: 240, json: false, throughput_only: false, disk_gib: 2, vssd_args: Vec::new() };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -182,6 +187,8 @@ fn main() {
             "--bulk-mib" => o.bulk_mib = args.next().and_then(|s| s.parse().ok()).unwrap_or_else(|| usage()),
             "--json" => o.json = true,
             "--throughput-only" => o.throughput_only = true,
+            // Passed to the guest's vssd (vmtest.vssd-args), e.g. --no-rcu-expedite, to compare.
+            "--vssd-arg" => o.vssd_args.push(args.next().unwrap_or_else(|| usage())),
             "--disk-size" => {
                 o.disk_gib =
                     args.next().and_then(|s| s.trim_end_matches(['G', 'g']).parse().ok()).unwrap_or_else(|| usage())
@@ -193,7 +200,10 @@ fn main() {
         eprintln!("backup-bench: {why}");
         std::process::exit(2);
     }
-    let opts = VmOpts { interval_ms: 5, ..Default::default() };
+    let mut opts = VmOpts { interval_ms: 5, ..Default::default() };
+    if !o.vssd_args.is_empty() {
+        opts.append = format!("vmtest.vssd-args={}", o.vssd_args.join(","));
+    }
 
     let (mut freeze, vm) = if o.throughput_only {
         (None, TestVm::boot("bench-vssd", opts.clone()))
