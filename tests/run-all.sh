@@ -177,6 +177,7 @@ end
 begin benchmarks
 echo "(short runs; the full ones: ./target/release/freeze-bench, ./target/release/app-bench)"
 cargo build --release --locked -p vssd -p tests --bins
+cat target/release/deps/vssd-*.layout 2>/dev/null || echo "layout: no summary: vssd's code layout was not applied (ARCHITECTURE.md, Code layout)"
 unshare -m --propagation private ./target/release/freeze-bench --counts 1,16 --cycles 5
 unshare -m --propagation private ./target/release/app-bench --counts 1,100,1000 --cycles 3
 cargo build --release --locked -p hostsim -p tests --bins
