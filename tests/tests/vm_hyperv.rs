@@ -260,28 +260,30 @@ fn vssd_gets_the_same_answers_as_hv_vss_daemon() {
     wait_registered(&vm, &mut host, "vssd, for the apps");
     let (code, out) = vm.shell("test -x /usr/bin/appvss", Duration::from_secs(10));
     assert_eq!(code, 0, "the guest has no appvss CLI (tests/guest/build.sh builds it in; see its extras.err): {out}");
-    let apps_before = vssd_logged(&vm, "app registered");
+    // Counted by name: the guest's SQLite app registers again with each new vssd, at a moment of
+    // its own, and counting any registration let HOT_BACKUP go before the veto was in.
+    let apps_before = vssd_logged(&vm, "app registered.*name=veto");
     vm.sh(
         "appvss hold --name veto --socket /run/vssd/appvss.sock \
            --on-prepare 'echo migrating >&2; exit 1' </dev/null >>/run/appvss-veto.log 2>&1 & echo $! >/run/appvss-veto.pid",
     );
-    wait_vssd_logged(&vm, "app registered", apps_before + 1, "the vetoing app");
+    wait_vssd_logged(&vm, "app registered.*name=veto", apps_before + 1, "the vetoing app");
     let a = answer(&mut host, "hot-backup");
     assert_eq!(a.error, HV_E_FAIL, "an app's veto at HOT_BACKUP is HV_E_FAIL to the host");
     let line = vm.sh("grep 'Hyper-V HOT_BACKUP' /run/vssd-hv.log | tail -n 1");
     assert!(line.contains("migrating"), "vssd's log names the veto's reason: {line}");
     assert_thawed(&vm, "after the vetoed HOT_BACKUP");
-    let gone = vssd_logged(&vm, "app disconnected");
+    let gone = vssd_logged(&vm, "app disconnected.*name=veto");
     vm.sh("kill $(cat /run/appvss-veto.pid); rm -f /run/appvss-veto.pid");
-    wait_vssd_logged(&vm, "app disconnected", gone + 1, "the vetoing app, killed");
+    wait_vssd_logged(&vm, "app disconnected.*name=veto", gone + 1, "the vetoing app, killed");
 
     // Without the veto, yes again; and an app holds for the FREEZE: its --on-freeze ran
     // before the host got HV_S_OK, its --on-thaw after the THAW.
-    let apps_before = vssd_logged(&vm, "app registered");
+    let apps_before = vssd_logged(&vm, "app registered.*name=holder");
     vm.sh("rm -f /run/held-*; appvss hold --name holder --socket /run/vssd/appvss.sock \
            --on-freeze 'touch /run/held-freeze' --on-thaw 'touch /run/held-thaw' \
            </dev/null >>/run/appvss-holder.log 2>&1 & echo $! >/run/appvss-holder.pid");
-    wait_vssd_logged(&vm, "app registered", apps_before + 1, "the holding app");
+    wait_vssd_logged(&vm, "app registered.*name=holder", apps_before + 1, "the holding app");
     assert_eq!(answer(&mut host, "hot-backup").error, HV_S_OK, "HOT_BACKUP once the veto is gone");
     assert_eq!(answer(&mut host, "freeze").error, HV_S_OK, "FREEZE with apps");
     let (code, _) = vm.shell("test -e /run/held-freeze && test ! -e /run/held-thaw", Duration::from_secs(10));
