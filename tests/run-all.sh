@@ -181,7 +181,7 @@ cat target/release/deps/vssd-*.layout 2>/dev/null || echo "layout: no summary: v
 unshare -m --propagation private ./target/release/freeze-bench --counts 1,16 --cycles 5
 unshare -m --propagation private ./target/release/app-bench --counts 1,100,1000 --cycles 3
 cargo build --release --locked -p hostsim -p tests --bins
-VSSD_BIN_DIR=target/release unshare -m --propagation private ./target/release/backup-bench --cycles 3
+VSSD_BIN_DIR=target/release unshare -m --propagation private ./target/release/backup-bench --cycles 5
 end
 
 leftover=$(losetup -a | grep -c -e vssd -e /tmp/ || true)
