@@ -462,7 +462,8 @@ impl Drop for TestVm {
             eprintln!("--- guest console ({}):\n{}--- end of console", self.name, self.console());
             if self.pid().is_some() {
                 match self.try_shell(
-                    "tail -n 40 /run/vssd.log /run/qemu-ga.log /run/qemu-ga1.log /run/writer.log /run/sqlite.log 2>/dev/null",
+                    "tail -n 40 /run/vssd.log /run/qemu-ga.log /run/qemu-ga1.log /run/writer.log /run/sqlite.log \
+                     /run/vssd-hv.log /run/hv-emu.log /run/messages 2>/dev/null",
                     Duration::from_secs(5),
                 ) {
                     Ok((_, log)) => eprintln!("--- guest logs:\n{log}--- end of guest logs"),

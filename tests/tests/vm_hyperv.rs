@@ -40,8 +40,27 @@ impl Daemon {
         vm.sh(&format!("vmtest-hv stop-{}", if self.pid == "vssd-hv" { "vssd" } else { "daemon" }));
     }
 
+    /// Sends `sig`; a STOP returns once every thread of the daemon is stopped. `kill` only
+    /// queues a group stop and wakes one thread, which stops the others when it runs: on a busy
+    /// guest vssd's device thread could otherwise still read the next request first.
     fn signal(&self, vm: &TestVm, sig: &str) {
-        vm.sh(&format!("kill -{sig} $(cat /run/{}.pid)", self.pid));
+        if sig != "STOP" {
+            vm.sh(&format!("kill -{sig} $(cat /run/{}.pid)", self.pid));
+            return;
+        }
+        let script = format!(
+            "pid=$(cat /run/{}.pid); kill -STOP $pid; i=0; \
+             while grep -q '^State:.[^Tt]' /proc/$pid/task/*/status && [ $i -lt 500 ]; do sleep 0.01; i=$((i + 1)); done; \
+             grep -H '^State:' /proc/$pid/task/*/status",
+            self.pid
+        );
+        let out = vm.sh(&script);
+        let states: Vec<&str> = out.lines().filter(|l| l.contains("State:")).collect();
+        assert!(
+            !states.is_empty() && states.iter().all(|l| l.contains("\tT") || l.contains("\tt")),
+            "{} did not stop within 5 s of SIGSTOP:\n{out}",
+            self.pid
+        );
     }
 }
 
