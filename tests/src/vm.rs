@@ -157,7 +157,9 @@ pub struct TestVm {
     pub root: PathBuf,
     /// The VM's name.
     pub name: String,
-    _lock: MutexGuard<'static, ()>,
+    /// One VM at a time per process (test threads take turns); `None` for a VM booted with
+    /// [`TestVm::boot_beside`], which runs under its companion's turn.
+    _lock: Option<MutexGuard<'static, ()>>,
 }
 
 /// One acknowledged record of a guest writer.
@@ -203,8 +205,19 @@ impl TestVm {
     /// Creates the VM with `vmctl create` (disks imported from the built guest) and starts it
     /// with `vmctl start`; returns once the guest's init said "ready".
     pub fn boot(name: &str, opts: VmOpts) -> TestVm {
-        let g = guest();
         let lock = vm_lock();
+        TestVm::boot_with(name, opts, Some(lock))
+    }
+
+    /// [`TestVm::boot`] of a second VM while `self` runs, under `self`'s turn of the
+    /// one-VM-at-a-time lock (which a second `boot` in this thread would wait for forever):
+    /// for a benchmark that has two guests take turns, pausing one. Drop it before `self`.
+    pub fn boot_beside(&self, name: &str, opts: VmOpts) -> TestVm {
+        TestVm::boot_with(name, opts, None)
+    }
+
+    fn boot_with(name: &str, opts: VmOpts, lock: Option<MutexGuard<'static, ()>>) -> TestVm {
+        let g = guest();
         // QEMU daemonizes; as a subreaper this process inherits it, so that a killed QEMU is
         // reaped here at once instead of lingering as a zombie `pgrep qemu-system` still sees.
         let _ = nix::sys::prctl::set_child_subreaper(true);
@@ -424,6 +437,17 @@ impl TestVm {
         let (code, out) = self.shell(cmd, Duration::from_secs(120));
         assert_eq!(code, 0, "guest command `{cmd}` failed ({code}):\n{out}");
         out
+    }
+
+    /// Stops the guest's vCPUs (QMP `stop`): it uses no CPU and its clocks stand still until
+    /// [`TestVm::resume`], so a benchmark can take turns between two guests.
+    pub fn pause(&self) {
+        self.qmp().execute("stop", None).expect("QMP stop");
+    }
+
+    /// Starts the vCPUs again (QMP `cont`).
+    pub fn resume(&self) {
+        self.qmp().execute("cont", None).expect("QMP cont");
     }
 
     /// A QMP connection (drop it before running vmctl: QEMU serves one QMP client at a time).

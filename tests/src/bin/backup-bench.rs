@@ -1,7 +1,8 @@
 //! backup-bench: `vmctl backup` in a real guest, vssd against qemu-ga, and the copy against
 //! `qemu-img convert` (issue 4's benchmark).
 //!
-//! One guest image, booted twice: once with vssd as its agent, once with qemu-ga. A writer runs
+//! One guest image, booted twice: once with vssd as its agent, once with qemu-ga; the two take
+//! turns cycle by cycle, the other paused (QMP `stop`), so both see the same host. A writer runs
 //! on each of the 4 data filesystems (3 ext4, 1 xfs), and before every cycle each filesystem gets
 //! 1 MiB of unsynced data, so every freeze has to flush. The first backup after boot (cold
 //! caches in the guest) is reported on its own line, not in the medians. Per cycle: `vmctl backup --json`
@@ -70,61 +71,80 @@ struct Cycles {
     first_stall: f64,
 }
 
-/// Runs `cycles` backups of `vm` and collects the figures.
-fn cycles(vm: &TestVm, n: usize) -> Cycles {
-    let mut c = Cycles::default();
+/// One backup of `vm` (cycle `i`; 0 is the first after boot, kept out of the medians), its
+/// figures added to `c`.
+fn cycle(vm: &TestVm, i: usize, c: &mut Cycles) {
     let target = vm.work().join("bench-backups");
-    // Cycle 0 is the first freeze after boot: reported on its own, not in the medians.
-    for i in 0..=n {
-        vm.sh("for d in db logs e3 e4; do dd if=/dev/zero of=/data/$d/dirty bs=64k count=16 2>/dev/null; done");
-        let acks_before = vm.acks().len();
-        let v = vm.vmctl_json(&["backup".as_ref(), vm.name.as_ref(), "--target".as_ref(), target.as_os_str()], 0);
-        assert_ne!(v["consistency"], "crash", "cycle {i}: not quiesced: {v}");
-        // Acks of writes that were blocked by the freeze arrive right after the thaw.
-        std::thread::sleep(Duration::from_millis(500));
-        let stall = vm.acks()[acks_before..]
-            .iter()
-            .filter(|a| a.writer != "sqlite")
-            .map(|a| a.lat_us as f64 / 1000.0)
-            .fold(0.0, f64::max);
-        let t = &v["timings"];
-        if i == 0 {
-            c.first_window = v["freeze_window_ms"].as_f64().unwrap();
-            c.first_stall = stall;
-            let _ = std::fs::remove_dir_all(&target);
-            continue;
-        }
-        c.window.push(v["freeze_window_ms"].as_f64().unwrap());
-        c.freeze.push(t["freeze_ms"].as_f64().unwrap());
-        c.transaction.push(t["transaction_ms"].as_f64().unwrap());
-        c.thaw.push(t["thaw_ms"].as_f64().unwrap());
-        c.stall.push(stall);
-        // vssd's report is in the manifest (vmctl's --json summary leaves it out).
-        let manifest: Value = v["dir"]
-            .as_str()
-            .and_then(|d| std::fs::read(std::path::Path::new(d).join("manifest.json")).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Value::Null);
-        let r = &manifest["quiesce"]["report"];
-        if let Some(total) = r["elapsed-ms"].as_f64() {
-            let max = |list: &Value, keys: &[&str]| {
-                list.as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|x| keys.iter().map(|k| x[*k].as_f64().unwrap_or(0.0)).sum::<f64>())
-                    .fold(0.0, f64::max)
-            };
-            c.guest.push(total);
-            c.plan.push(r["plan-ms"].as_f64().unwrap_or(0.0));
-            c.apps.push(max(&r["apps"], &["prepare-ms", "freeze-ms"]));
-            c.fifreeze.push(max(&r["mounts"], &["freeze-ms"]));
-            for (k, v) in r["steps"].as_object().into_iter().flatten() {
-                c.steps.push((k.clone(), v.as_f64().unwrap_or(f64::NAN)));
-            }
-        }
+    vm.sh("for d in db logs e3 e4; do dd if=/dev/zero of=/data/$d/dirty bs=64k count=16 2>/dev/null; done");
+    let acks_before = vm.acks().len();
+    let v = vm.vmctl_json(&["backup".as_ref(), vm.name.as_ref(), "--target".as_ref(), target.as_os_str()], 0);
+    assert_ne!(v["consistency"], "crash", "cycle {i}: not quiesced: {v}");
+    // Acks of writes that were blocked by the freeze arrive right after the thaw.
+    std::thread::sleep(Duration::from_millis(500));
+    let stall = vm.acks()[acks_before..]
+        .iter()
+        .filter(|a| a.writer != "sqlite")
+        .map(|a| a.lat_us as f64 / 1000.0)
+        .fold(0.0, f64::max);
+    let t = &v["timings"];
+    if i == 0 {
+        c.first_window = v["freeze_window_ms"].as_f64().unwrap();
+        c.first_stall = stall;
         let _ = std::fs::remove_dir_all(&target);
+        return;
     }
-    c
+    c.window.push(v["freeze_window_ms"].as_f64().unwrap());
+    c.freeze.push(t["freeze_ms"].as_f64().unwrap());
+    c.transaction.push(t["transaction_ms"].as_f64().unwrap());
+    c.thaw.push(t["thaw_ms"].as_f64().unwrap());
+    c.stall.push(stall);
+    // vssd's report is in the manifest (vmctl's --json summary leaves it out).
+    let manifest: Value = v["dir"]
+        .as_str()
+        .and_then(|d| std::fs::read(std::path::Path::new(d).join("manifest.json")).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    let r = &manifest["quiesce"]["report"];
+    if let Some(total) = r["elapsed-ms"].as_f64() {
+        let max = |list: &Value, keys: &[&str]| {
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| keys.iter().map(|k| x[*k].as_f64().unwrap_or(0.0)).sum::<f64>())
+                .fold(0.0, f64::max)
+        };
+        c.guest.push(total);
+        c.plan.push(r["plan-ms"].as_f64().unwrap_or(0.0));
+        c.apps.push(max(&r["apps"], &["prepare-ms", "freeze-ms"]));
+        c.fifreeze.push(max(&r["mounts"], &["freeze-ms"]));
+        for (k, v) in r["steps"].as_object().into_iter().flatten() {
+            c.steps.push((k.clone(), v.as_f64().unwrap_or(f64::NAN)));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&target);
+}
+
+/// The freeze cycles of both guests, taking turns (qemu-ga, vssd, then vssd, qemu-ga, ...):
+/// the guest whose turn it is not is paused, so each cycle of one agent runs in the same
+/// machine state as the other's next to it, and drift of the host (page cache, CPU pressure
+/// from elsewhere) falls on both. Returns (qemu-ga's, vssd's).
+fn interleaved(qga: &TestVm, vssd: &TestVm, n: usize) -> (Cycles, Cycles) {
+    let (mut q, mut s) = (Cycles::default(), Cycles::default());
+    for i in 0..=n {
+        let mut turns: [(&TestVm, &mut Cycles); 2] = [(qga, &mut q), (vssd, &mut s)];
+        if i % 2 == 1 {
+            turns.reverse();
+        }
+        for (vm, c) in turns {
+            vm.resume();
+            // The writers run for a while before the backup, as in a guest that never paused.
+            let e3 = vm.last_acks().get("e3").copied().unwrap_or(0);
+            vm.wait_acks("e3", e3 + 20, Duration::from_secs(60));
+            cycle(vm, i, c);
+            vm.pause();
+        }
+    }
+    (q, s)
 }
 
 /// Connect → first answer on the agent channel (QEMU's chardev socket): what every vmctl
@@ -208,16 +228,19 @@ fn main() {
     let (mut freeze, vm) = if o.throughput_only {
         (None, TestVm::boot("bench-vssd", opts.clone()))
     } else {
-        eprintln!("backup-bench: qemu-ga guest, {} cycles", o.cycles);
-        let (qga, qga_first) = {
-            let vm = TestVm::boot("bench-qga", VmOpts { agent: "qemu-ga", ..opts.clone() });
-            vm.wait_acks("e3", 50, Duration::from_secs(60));
-            (cycles(&vm, o.cycles), first_answer_ms(&vm, 9))
-        };
-        eprintln!("backup-bench: vssd guest, {} cycles", o.cycles);
+        // Both guests booted, one paused while the other runs (booting included).
         let vm = TestVm::boot("bench-vssd", opts.clone());
         vm.wait_acks("e3", 50, Duration::from_secs(60));
-        let vssd = cycles(&vm, o.cycles);
+        vm.pause();
+        let qvm = vm.boot_beside("bench-qga", VmOpts { agent: "qemu-ga", ..opts.clone() });
+        qvm.wait_acks("e3", 50, Duration::from_secs(60));
+        qvm.pause();
+        eprintln!("backup-bench: {} cycles each, qemu-ga's guest and vssd's taking turns", o.cycles);
+        let (qga, vssd) = interleaved(&qvm, &vm, o.cycles);
+        qvm.resume();
+        let qga_first = first_answer_ms(&qvm, 9);
+        drop(qvm);
+        vm.resume();
         let vssd_first = first_answer_ms(&vm, 9);
         (Some((qga, qga_first, vssd, vssd_first)), vm)
     };
