@@ -175,6 +175,12 @@ pub struct Ack {
     pub done_us: u64,
 }
 
+/// The longest stall a plain writer felt among `acks` (its write + fdatasync, ms; the SQLite
+/// writer reports none): what the benchmarks call the guest write stall.
+pub fn longest_stall_ms(acks: &[Ack]) -> f64 {
+    acks.iter().filter(|a| a.writer != "sqlite").map(|a| a.lat_us as f64 / 1000.0).fold(0.0, f64::max)
+}
+
 impl TestVm {
     /// Starts `vmctl backup VM --bandwidth 1 --json` (1 MiB/s: there is a "mid-backup") and
     /// returns once its target images exist, i.e. past the preparation. Output is piped.

@@ -81,11 +81,7 @@ fn cycle(vm: &TestVm, i: usize, c: &mut Cycles) {
     assert_ne!(v["consistency"], "crash", "cycle {i}: not quiesced: {v}");
     // Acks of writes that were blocked by the freeze arrive right after the thaw.
     std::thread::sleep(Duration::from_millis(500));
-    let stall = vm.acks()[acks_before..]
-        .iter()
-        .filter(|a| a.writer != "sqlite")
-        .map(|a| a.lat_us as f64 / 1000.0)
-        .fold(0.0, f64::max);
+    let stall = tests::vm::longest_stall_ms(&vm.acks()[acks_before..]);
     let t = &v["timings"];
     if i == 0 {
         c.first_window = v["freeze_window_ms"].as_f64().unwrap();

@@ -90,11 +90,7 @@ fn main() {
     println!("$ vmctl backup demo --verify --json");
     let v = vm.vmctl_json(&["backup", "demo", "--verify"], 0);
     std::thread::sleep(Duration::from_millis(500));
-    let stall_ms = vm.acks()[acks_at..]
-        .iter()
-        .filter(|a| a.writer != "sqlite")
-        .map(|a| a.lat_us as f64 / 1000.0)
-        .fold(0.0, f64::max);
+    let stall_ms = tests::vm::longest_stall_ms(&vm.acks()[acks_at..]);
     let dir = PathBuf::from(v["dir"].as_str().unwrap());
     let consistency = v["consistency"].as_str().unwrap_or("?").to_string();
     let window = v["freeze_window_ms"].as_f64().unwrap_or(f64::NAN);

@@ -45,7 +45,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// The longest write stall (ms) among the acks after `from`.
 fn stall_since(d: &Domain, from: usize) -> f64 {
     std::thread::sleep(Duration::from_millis(500));
-    d.acks()[from..].iter().filter(|a| a.writer != "sqlite").map(|a| a.lat_us as f64 / 1000.0).fold(0.0, f64::max)
+    tests::vm::longest_stall_ms(&d.acks()[from..])
 }
 
 /// Waits until the domain's job (the backup) has ended.
